@@ -1,0 +1,587 @@
+"""Honest metrics: per-class rates, probability AUCs, patient-level bootstrap CIs, calibration.
+
+Conventions (the metrics block of docs/CONTRACTS.md):
+
+* AUC is always computed from probabilities, never from hard labels. Multi-class ``auc_macro``
+  is the mean one-vs-rest AUC over the classes for which it is defined (the class and its
+  complement both present). Binary problems report the AUC of the positive class:
+  ``"covid"`` if it is among the classes, else the class at index 1.
+* ``f1_macro`` averages the per-class F1 over classes present in ``y_true`` (support > 0);
+  a class absent from the truth has no defined recall, so it is reported as ``None`` rather
+  than silently counted as 0.
+* Anything undefined (division by zero, class absent) is ``None``; nothing here warns or
+  crashes on such cases.
+* Confidence intervals are 95 % percentile bootstrap intervals. With patient ids the
+  PATIENTS are resampled (cluster bootstrap): slices of one patient are not independent,
+  and resampling images would give intervals that are too narrow.
+
+Bootstrap resamples are represented as a weight matrix (resample x image: how often each
+image was drawn), which makes every metric a vectorised weighted computation.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from covidlib.config import POSITIVE_LABEL
+
+AGGREGATION_METHODS: tuple[str, ...] = ("mean", "topk", "fraction")
+DEFAULT_METRICS: tuple[str, ...] = ("accuracy", "f1_macro", "auc_macro")
+_EPS = 1e-12
+
+
+# --------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------
+
+
+def predictions_to_arrays(df: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Turn a predictions table into ``(y_true, probs)``.
+
+    Args:
+        df: table with a ``label`` column and one ``p_<class>`` column per class.
+        classes: class order (``labels.json``); defines the probability columns' order.
+
+    Returns:
+        ``y_true`` (int indices into ``classes``) and ``probs`` (n x len(classes) floats).
+
+    Raises:
+        ValueError: a required column is missing, a label is not in ``classes``, or a
+            probability is missing / not finite.
+    """
+    classes = list(classes)
+    if not classes:
+        raise ValueError("classes is empty")
+    needed = ["label"] + [f"p_{c}" for c in classes]
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise ValueError(f"predictions table lacks column(s) {missing}; has {list(df.columns)}")
+    labels = df["label"].astype(str)
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        raise ValueError(f"label(s) {unknown} are not among the classes {classes}")
+    index = {c: i for i, c in enumerate(classes)}
+    y_true = labels.map(index).to_numpy(dtype=np.int64)
+    probs = df[[f"p_{c}" for c in classes]].to_numpy(dtype=np.float64)
+    if not np.isfinite(probs).all():
+        bad = int((~np.isfinite(probs)).any(axis=1).sum())
+        raise ValueError(f"{bad} row(s) have missing or non-finite probabilities")
+    return y_true, probs
+
+
+def _check_arrays(y_true: Any, probs: Any, n_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true)
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"probs must be 2-D (n_samples, n_classes), got shape {p.shape}")
+    if y.ndim != 1 or len(y) != len(p):
+        raise ValueError(f"y_true must be 1-D with one entry per probs row: {y.shape} vs {p.shape}")
+    if n_classes is not None and p.shape[1] != n_classes:
+        raise ValueError(f"probs has {p.shape[1]} columns but there are {n_classes} classes")
+    if len(y) and not np.issubdtype(y.dtype, np.integer):
+        if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
+            y = y.astype(np.int64)
+        else:
+            raise ValueError("y_true must hold integer class indices (use predictions_to_arrays for labels)")
+    y = y.astype(np.int64)
+    if len(y) and (y.min() < 0 or y.max() >= p.shape[1]):
+        raise ValueError(f"y_true indices must lie in [0, {p.shape[1] - 1}]")
+    if not np.isfinite(p).all():
+        raise ValueError("probs contain NaN or infinite values")
+    return y, p
+
+
+def positive_index(classes: Sequence[str]) -> int:
+    """Index of the positive class for binary AUC: ``"covid"`` if present, else 1."""
+    classes = list(classes)
+    return classes.index(POSITIVE_LABEL) if POSITIVE_LABEL in classes else 1
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return None if den <= 0 else float(num) / float(den)
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if x is None or not math.isfinite(float(x)) else float(x)
+
+
+# --------------------------------------------------------------------------------------
+# weighted (vectorised) metric kernels, shared by point estimates and the bootstrap
+# --------------------------------------------------------------------------------------
+
+
+def _weighted_auc(W: np.ndarray, y_bin: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Mann-Whitney AUC per row of weights W (B x n); ties count one half. NaN if undefined."""
+    order = np.argsort(score, kind="mergesort")
+    s_sorted = score[order]
+    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])
+    Ws = W[:, order]
+    pos = y_bin[order].astype(bool)
+    pos_g = np.add.reduceat(Ws * pos, starts, axis=1)
+    neg_g = np.add.reduceat(Ws * ~pos, starts, axis=1)
+    below = np.cumsum(neg_g, axis=1) - neg_g  # negatives with a strictly lower score
+    n_pos, n_neg = pos_g.sum(axis=1), neg_g.sum(axis=1)
+    num = (pos_g * (below + 0.5 * neg_g)).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = num / (n_pos * n_neg)
+    auc[(n_pos <= 0) | (n_neg <= 0)] = np.nan
+    return auc
+
+
+def _weighted_metrics(W: np.ndarray, y: np.ndarray, probs: np.ndarray, pos: int,
+                      metrics: Sequence[str]) -> dict[str, np.ndarray]:
+    """Accuracy, macro F1 and macro AUC for each row of weights ``W`` (B x n)."""
+    K = probs.shape[1]
+    pred = probs.argmax(axis=1)
+    out: dict[str, np.ndarray] = {}
+    total = W.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if "accuracy" in metrics:
+            out["accuracy"] = (W @ (pred == y).astype(np.float64)) / total
+        if "f1_macro" in metrics:
+            onehot = np.zeros((len(y), K * K))
+            onehot[np.arange(len(y)), y * K + pred] = 1.0
+            cm = (W @ onehot).reshape(-1, K, K)  # rows = truth
+            tp = np.diagonal(cm, axis1=1, axis2=2)
+            support, predicted = cm.sum(axis=2), cm.sum(axis=1)
+            f1 = 2 * tp / (support + predicted)
+            f1 = np.where(support > 0, f1, np.nan)
+            present = (support > 0).sum(axis=1)
+            out["f1_macro"] = np.where(present > 0, np.nansum(f1, axis=1) / np.maximum(present, 1), np.nan)
+        if "auc_macro" in metrics:
+            if K == 2:
+                out["auc_macro"] = _weighted_auc(W, (y == pos), probs[:, pos])
+            else:
+                aucs = np.stack([_weighted_auc(W, (y == k), probs[:, k]) for k in range(K)], axis=1)
+                n_def = np.isfinite(aucs).sum(axis=1)
+                out["auc_macro"] = np.where(n_def > 0, np.nansum(aucs, axis=1) / np.maximum(n_def, 1), np.nan)
+    unknown = set(metrics) - set(out)
+    if unknown:
+        raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from {list(DEFAULT_METRICS)}")
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# point metrics
+# --------------------------------------------------------------------------------------
+
+
+def compute_metrics(y_true: Any, probs: Any, classes: Sequence[str]) -> dict:
+    """Accuracy, macro F1, macro AUC, per-class rates and the confusion matrix.
+
+    Args:
+        y_true: int class indices, shape (n,).
+        probs: class probabilities, shape (n, len(classes)); the prediction is the argmax.
+        classes: class names in column order.
+
+    Returns:
+        ``{"accuracy", "f1_macro", "auc_macro", "per_class": {cls: {sensitivity, specificity,
+        ppv, npv, f1, auc, support}}, "confusion_matrix"}`` (rows = truth, columns =
+        prediction). Undefined values are ``None``.
+    """
+    classes = list(classes)
+    K = len(classes)
+    y, p = _check_arrays(y_true, probs, K)
+    n = len(y)
+    pred = p.argmax(axis=1) if n else np.zeros(0, dtype=np.int64)
+    cm = np.zeros((K, K), dtype=np.int64)
+    np.add.at(cm, (y, pred), 1)
+    pos = positive_index(classes) if K == 2 else None
+    per_class: dict[str, dict] = {}
+    for k, cls in enumerate(classes):
+        tp = int(cm[k, k])
+        fn = int(cm[k].sum() - tp)
+        fp = int(cm[:, k].sum() - tp)
+        tn = int(n - tp - fn - fp)
+        auc = _weighted_auc(np.ones((1, n)), y == k, p[:, k])[0] if n else np.nan
+        per_class[cls] = {
+            "sensitivity": _ratio(tp, tp + fn),
+            "specificity": _ratio(tn, tn + fp),
+            "ppv": _ratio(tp, tp + fp),
+            "npv": _ratio(tn, tn + fn),
+            "f1": _ratio(2 * tp, 2 * tp + fp + fn) if tp + fn > 0 else None,
+            "auc": _nan_to_none(auc),
+            "support": tp + fn,
+        }
+    if n:
+        agg = _weighted_metrics(np.ones((1, n)), y, p, pos if pos is not None else 0, DEFAULT_METRICS)
+        agg = {k: _nan_to_none(v[0]) for k, v in agg.items()}
+    else:
+        agg = {k: None for k in DEFAULT_METRICS}
+    return {
+        "accuracy": agg["accuracy"],
+        "f1_macro": agg["f1_macro"],
+        "auc_macro": agg["auc_macro"],
+        "n": int(n),
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# bootstrap
+# --------------------------------------------------------------------------------------
+
+
+def bootstrap_ci(
+    y_true: Any,
+    probs: Any,
+    classes: Sequence[str],
+    groups: Any = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+) -> dict[str, list[float] | None]:
+    """95 % percentile bootstrap intervals for summary metrics.
+
+    Args:
+        y_true: int class indices, shape (n,).
+        probs: probabilities, shape (n, K).
+        classes: class names (sets the binary positive class).
+        groups: patient id per row. When given, patients are resampled with all their
+            images (cluster bootstrap); otherwise images are resampled.
+        n_boot: number of resamples.
+        seed: RNG seed; the same inputs and seed give the same interval.
+        metrics: any of ``accuracy``, ``f1_macro``, ``auc_macro``.
+
+    Returns:
+        ``{metric: [lo, hi]}``; ``None`` for a metric undefined in most resamples (e.g. AUC
+        with one class) or when there is nothing to resample.
+    """
+    classes = list(classes)
+    y, p = _check_arrays(y_true, probs, len(classes))
+    metrics = tuple(metrics)
+    unknown = set(metrics) - set(DEFAULT_METRICS)
+    if unknown:
+        raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from {list(DEFAULT_METRICS)}")
+    n = len(y)
+    if n == 0 or n_boot < 1:
+        return {m: None for m in metrics}
+    if groups is not None:
+        g = np.asarray(groups)
+        if len(g) != n:
+            raise ValueError(f"groups has {len(g)} entries for {n} predictions")
+        _, gid = np.unique(g.astype(str), return_inverse=True)
+        n_units = int(gid.max()) + 1
+    else:
+        gid, n_units = np.arange(n), n
+    pos = positive_index(classes) if len(classes) == 2 else 0
+    rng = np.random.default_rng(seed)
+    # Chunk so the (resamples x images) weight matrix stays a few tens of MB.
+    chunk = max(1, min(n_boot, 4_000_000 // max(n, n_units)))
+    vals: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
+    done = 0
+    while done < n_boot:
+        b = min(chunk, n_boot - done)
+        draws = rng.integers(0, n_units, size=(b, n_units))
+        counts = np.bincount((draws + n_units * np.arange(b)[:, None]).ravel(),
+                             minlength=b * n_units).reshape(b, n_units).astype(np.float64)
+        W = counts[:, gid]
+        for m, v in _weighted_metrics(W, y, p, pos, metrics).items():
+            vals[m].append(v)
+        done += b
+    out: dict[str, list[float] | None] = {}
+    for m in metrics:
+        v = np.concatenate(vals[m])
+        v = v[np.isfinite(v)]
+        # Dropping undefined resamples biases the interval; only accept a small loss.
+        if len(v) < max(2, 0.9 * n_boot):
+            out[m] = None
+        else:
+            lo, hi = np.percentile(v, [2.5, 97.5])
+            out[m] = [float(lo), float(hi)]
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# calibration
+# --------------------------------------------------------------------------------------
+
+
+def _bins(conf: np.ndarray, n_bins: int) -> np.ndarray:
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    return np.clip((conf * n_bins).astype(np.int64), 0, n_bins - 1)
+
+
+def reliability_curve(y_true: Any, probs: Any, n_bins: int = 15) -> dict:
+    """Top-label reliability diagram data over equal-width confidence bins on [0, 1].
+
+    Returns:
+        ``{"bin_edges", "bin_confidence", "bin_accuracy", "bin_count"}``; the mean confidence
+        and accuracy of an empty bin are ``None``.
+    """
+    y, p = _check_arrays(y_true, probs)
+    conf = p.max(axis=1) if len(y) else np.zeros(0)
+    correct = (p.argmax(axis=1) == y).astype(np.float64) if len(y) else np.zeros(0)
+    b = _bins(conf, n_bins)
+    count = np.bincount(b, minlength=n_bins)
+    s_conf = np.bincount(b, weights=conf, minlength=n_bins)
+    s_acc = np.bincount(b, weights=correct, minlength=n_bins)
+    return {
+        "bin_edges": np.linspace(0.0, 1.0, n_bins + 1).tolist(),
+        "bin_confidence": [float(s_conf[i] / count[i]) if count[i] else None for i in range(n_bins)],
+        "bin_accuracy": [float(s_acc[i] / count[i]) if count[i] else None for i in range(n_bins)],
+        "bin_count": count.astype(int).tolist(),
+    }
+
+
+def expected_calibration_error(y_true: Any, probs: Any, n_bins: int = 15) -> float | None:
+    """Top-label expected calibration error (equal-width bins); ``None`` for no samples."""
+    y, p = _check_arrays(y_true, probs)
+    if len(y) == 0:
+        return None
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    b = _bins(conf, n_bins)
+    gap = np.bincount(b, weights=correct - conf, minlength=n_bins)
+    return float(np.abs(gap).sum() / len(y))
+
+
+def _tempered(probs: np.ndarray, T: float) -> np.ndarray:
+    z = np.log(np.clip(probs, _EPS, None)) / T
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def apply_temperature(probs: Any, T: float) -> np.ndarray:
+    """Rescale probabilities: ``softmax(log(p) / T)``. T > 1 softens, T < 1 sharpens."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"probs must be 2-D, got shape {p.shape}")
+    if not (T > 0 and math.isfinite(T)):
+        raise ValueError(f"temperature must be a positive finite number, got {T!r}")
+    return _tempered(p, float(T))
+
+
+def fit_temperature(probs_val: Any, y_val: Any, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """Temperature minimising the validation NLL of ``softmax(log(p) / T)``.
+
+    Works on log-probabilities because the saved predictions are probabilities, not logits
+    (equivalent up to a per-row constant). Bounded scalar minimisation over log T.
+
+    Raises:
+        ValueError: with no validation samples.
+    """
+    from scipy.optimize import minimize_scalar
+
+    y, p = _check_arrays(y_val, probs_val)
+    if len(y) == 0:
+        raise ValueError("cannot fit a temperature on an empty validation set")
+    logp = np.log(np.clip(p, _EPS, None))
+    rows = np.arange(len(y))
+
+    def nll(log_t: float) -> float:
+        z = logp / math.exp(log_t)
+        z = z - z.max(axis=1, keepdims=True)
+        return float(-(z[rows, y] - np.log(np.exp(z).sum(axis=1))).mean())
+
+    res = minimize_scalar(nll, bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded",
+                          options={"xatol": 1e-4})
+    return float(math.exp(res.x))
+
+
+# --------------------------------------------------------------------------------------
+# patient aggregation
+# --------------------------------------------------------------------------------------
+
+
+def aggregate_by_patient(
+    probs: Any,
+    patient_ids: Any,
+    y_true: Any,
+    method: str = "mean",
+    k: int = 3,
+    threshold: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Combine slice (image) probabilities into one prediction per patient.
+
+    Methods:
+        ``mean``: mean slice probability per class.
+        ``topk``: per class, the mean of its ``k`` highest slice probabilities; rows are
+            renormalised to sum to 1 (a few strongly affected slices drive the call).
+        ``fraction``: per class, the fraction of voting slices whose argmax is that class.
+            A slice votes when its top probability is >= ``threshold``; a patient with no
+            such slice falls back to all its slices.
+
+    Returns:
+        ``(patient_ids, y_patient, probs_patient)`` in order of first appearance.
+
+    Raises:
+        ValueError: unknown method, length mismatch, or a patient whose slices carry
+            different labels.
+    """
+    if method not in AGGREGATION_METHODS:
+        raise ValueError(f"method must be one of {list(AGGREGATION_METHODS)}, got {method!r}")
+    y, p = _check_arrays(y_true, probs)
+    pids = np.asarray(patient_ids).astype(str)
+    if len(pids) != len(y):
+        raise ValueError(f"patient_ids has {len(pids)} entries for {len(y)} predictions")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    uniq, first, inv = np.unique(pids, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # first-appearance order
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    gid = rank[inv]
+    n_pat, K = len(uniq), p.shape[1]
+
+    y_min = np.full(n_pat, np.iinfo(np.int64).max)
+    y_max = np.full(n_pat, -1)
+    np.minimum.at(y_min, gid, y)
+    np.maximum.at(y_max, gid, y)
+    bad = np.flatnonzero(y_min != y_max)
+    if len(bad):
+        names = uniq[order][bad][:5].tolist()
+        raise ValueError(f"{len(bad)} patient(s) have slices with different labels, e.g. {names}")
+    counts = np.bincount(gid, minlength=n_pat).astype(np.float64)
+
+    if method == "mean":
+        out = np.zeros((n_pat, K))
+        np.add.at(out, gid, p)
+        out /= counts[:, None]
+    elif method == "topk":
+        out = np.zeros((n_pat, K))
+        srt = np.argsort(gid, kind="stable")
+        bounds = np.r_[0, np.cumsum(np.bincount(gid, minlength=n_pat))]
+        ps = p[srt]
+        for i in range(n_pat):  # patients are few; per-patient sort is cheap
+            block = np.sort(ps[bounds[i]:bounds[i + 1]], axis=0)[::-1][:k]
+            out[i] = block.mean(axis=0)
+        s = out.sum(axis=1, keepdims=True)
+        out = np.divide(out, s, out=np.full_like(out, 1.0 / K), where=s > 0)
+    else:
+        votes_mask = p.max(axis=1) >= threshold
+        has_vote = np.bincount(gid, weights=votes_mask.astype(float), minlength=n_pat) > 0
+        use = votes_mask | ~has_vote[gid]
+        out = np.zeros((n_pat, K))
+        np.add.at(out, (gid[use], p[use].argmax(axis=1)), 1.0)
+        out /= out.sum(axis=1, keepdims=True)
+    return uniq[order], y_min.astype(np.int64), out
+
+
+def choose_aggregation(
+    probs_val: Any,
+    pid_val: Any,
+    y_val: Any,
+    methods: Sequence[str] = AGGREGATION_METHODS,
+    classes: Sequence[str] | None = None,
+    k: int = 3,
+) -> str:
+    """Pick the aggregation method with the best patient-level macro AUC on validation data.
+
+    Ties, and the case where no AUC is defined, go to ``"mean"`` (the simplest method).
+    """
+    y, p = _check_arrays(y_val, probs_val)
+    classes = list(classes) if classes is not None else [str(i) for i in range(p.shape[1])]
+    best, best_auc = "mean", None
+    for m in ["mean"] + [x for x in methods if x != "mean"]:
+        _, yp, pp = aggregate_by_patient(p, pid_val, y, method=m, k=k)
+        auc = compute_metrics(yp, pp, classes)["auc_macro"]
+        if auc is not None and (best_auc is None or auc > best_auc + 1e-12):
+            best, best_auc = m, auc
+    return best
+
+
+# --------------------------------------------------------------------------------------
+# the metrics block
+# --------------------------------------------------------------------------------------
+
+
+def _patient_ids(df: pd.DataFrame) -> np.ndarray | None:
+    if "patient_id" not in df.columns:
+        return None
+    pid = df["patient_id"]
+    if pid.isna().any() or (pid.astype(str).str.strip() == "").any():
+        return None
+    return pid.astype(str).to_numpy()
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Recursively convert numpy scalars/arrays to plain Python; NaN/inf become ``None``."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return [to_jsonable(v) for v in obj.tolist()]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return _nan_to_none(float(obj))
+    return obj
+
+
+def evaluate_predictions(
+    test_df: pd.DataFrame,
+    classes: Sequence[str],
+    val_df: pd.DataFrame | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """The full metrics block of docs/CONTRACTS.md for one predictions table.
+
+    Args:
+        test_df: ``predictions_test.csv`` as a DataFrame (``label``, ``p_<class>``, and
+            ideally ``patient_id``).
+        classes: class order of the probability columns.
+        val_df: validation predictions; used to fit the temperature and choose the patient
+            aggregation method. Without it nothing is tuned on the test set: temperature
+            fields are ``None`` and the aggregation is ``"mean"``.
+        n_boot: bootstrap resamples for the CIs.
+        seed: bootstrap seed.
+
+    Returns:
+        A JSON-serialisable dict: ``compute_metrics`` fields plus ``ci95``, ``ci_unit``
+        (``"patient"`` or ``"image"``), ``ci_note`` (when images are resampled),
+        ``calibration`` and ``patient_level``.
+    """
+    classes = list(classes)
+    y, p = predictions_to_arrays(test_df, classes)
+    out = compute_metrics(y, p, classes)
+    pid = _patient_ids(test_df)
+    clustered = pid is not None and len(np.unique(pid)) < len(pid)
+    out["ci95"] = bootstrap_ci(y, p, classes, groups=pid if clustered else None, n_boot=n_boot, seed=seed)
+    out["ci_unit"] = "patient" if clustered else "image"
+    if not clustered:
+        out["ci_note"] = ("no patient ids: images resampled as if independent; CIs are too narrow if "
+                          "several images come from one patient" if pid is None else
+                          "one image per patient: image and patient bootstrap coincide")
+
+    y_val = p_val = pid_val = None
+    if val_df is not None and len(val_df):
+        y_val, p_val = predictions_to_arrays(val_df, classes)
+        pid_val = _patient_ids(val_df)
+    T = fit_temperature(p_val, y_val) if y_val is not None else None
+    out["calibration"] = {
+        "ece": expected_calibration_error(y, p),
+        "temperature": T,
+        "ece_after_temperature": expected_calibration_error(y, apply_temperature(p, T)) if T else None,
+        "reliability": reliability_curve(y, p),
+    }
+
+    if pid is None:
+        out["patient_level"] = {"method": None, "n_patients": None, "accuracy": None, "f1_macro": None,
+                                "auc_macro": None, "confusion_matrix": None, "ci95": None,
+                                "note": "no patient ids in the predictions"}
+    else:
+        method, note = "mean", "mean slice probability (no validation set to choose on)"
+        if pid_val is not None:
+            method = choose_aggregation(p_val, pid_val, y_val, classes=classes)
+            note = "method chosen by validation patient-level macro AUC"
+        pids, yp, pp = aggregate_by_patient(p, pid, y, method=method)
+        pm = compute_metrics(yp, pp, classes)
+        out["patient_level"] = {
+            "method": method, "n_patients": int(len(pids)), "accuracy": pm["accuracy"],
+            "f1_macro": pm["f1_macro"], "auc_macro": pm["auc_macro"],
+            "confusion_matrix": pm["confusion_matrix"],
+            "ci95": bootstrap_ci(yp, pp, classes, n_boot=n_boot, seed=seed), "note": note,
+        }
+    out["classes"] = classes
+    return to_jsonable(out)

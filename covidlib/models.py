@@ -1,0 +1,377 @@
+"""Backbone registry, classification heads, weights policy and in-model preprocessing.
+
+Every model built here takes raw grayscale images, shape ``(S, S, 1)``, values 0..255, and carries
+its backbone's own ``preprocess_input`` as a registered layer, so a saved model can be given raw
+pixels and the preprocessing can be neither forgotten nor applied twice.
+
+Layer chain (linear, relied on by :mod:`covidlib.explain`)::
+
+    image -> [augment] -> preprocess -> backbone (nested keras.Model) -> pool -> [hidden] -> dropout
+          -> predictions
+"""
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import keras
+from keras import layers, ops
+
+# ImageNet statistics used by the "torch" style preprocessing (DenseNet).
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+# Caffe-style (ResNet v1) means, BGR order.
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone and preprocess its input."""
+
+    name: str
+    constructor: str  # attribute of keras.applications
+    preprocess: str  # "torch" | "tf" | "caffe" | "unit"
+    weights_file: str  # name of the ImageNet no-top weights file in the Keras cache
+    weights_url: str
+    paper: str
+
+
+_GCS = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "DenseNet121": BackboneSpec(
+        "DenseNet121", "DenseNet121", "torch",
+        "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5", _GCS + "densenet/",
+        "AICOV-CT stage 1"),
+    "ResNet50V2": BackboneSpec(
+        "ResNet50V2", "ResNet50V2", "tf",
+        "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5", _GCS + "resnet/",
+        "AICOV-CT stage 1"),
+    "MobileNetV2": BackboneSpec(
+        "MobileNetV2", "MobileNetV2", "tf",
+        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{rows}_no_top.h5",
+        _GCS + "mobilenet_v2/", "AICOV-CT stage 1"),
+    "DenseNet201": BackboneSpec(
+        "DenseNet201", "DenseNet201", "torch",
+        "densenet201_weights_tf_dim_ordering_tf_kernels_notop.h5", _GCS + "densenet/",
+        "what the seeds' code used"),
+    "ResNet152": BackboneSpec(
+        "ResNet152", "ResNet152", "caffe",
+        "resnet152_weights_tf_dim_ordering_tf_kernels_notop.h5", _GCS + "resnet/",
+        "what the seeds' code used"),
+    # A small plain CNN: the quick model of the enhancement ablation and of fast tests.
+    "SmallCNN": BackboneSpec("SmallCNN", "", "unit", "", "", "covidlib quick model"),
+}
+
+HEADS = ("gap", "gap_dense256")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Raised when pretrained weights cannot be found or downloaded."""
+
+
+def keras_cache_dir() -> Path:
+    """Folder where Keras keeps downloaded application weights."""
+    base = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    return Path(base) / "models"
+
+
+def imagenet_weights_file(backbone: str, img_size: int) -> str:
+    """File name Keras looks for when ``weights="imagenet"`` (no-top variant)."""
+    spec = _spec(backbone)
+    rows = img_size if img_size in (96, 128, 160, 192, 224) else 224
+    return spec.weights_file.format(rows=rows)
+
+
+def _spec(backbone: str) -> BackboneSpec:
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of {list(BACKBONES)}")
+    return BACKBONES[backbone]
+
+
+@keras.saving.register_keras_serializable(package="covidlib")
+class BackbonePreprocess(layers.Layer):
+    """Grayscale 0..255 -> three channels in the scale the backbone was trained on.
+
+    Modes follow ``keras.applications.<family>.preprocess_input``: ``torch`` (DenseNet:
+    /255 then ImageNet mean/std), ``tf`` (ResNetV2, MobileNetV2: scale to [-1, 1]), ``caffe``
+    (ResNet v1: BGR, ImageNet mean subtracted, no scaling) and ``unit`` (/255, SmallCNN).
+    """
+
+    def __init__(self, mode: str = "tf", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if mode not in ("torch", "tf", "caffe", "unit"):
+            raise ValueError(f"unknown preprocessing mode {mode!r}")
+        self.mode = mode
+
+    def call(self, x):
+        x = ops.cast(x, "float32")
+        if x.shape[-1] == 1:
+            x = ops.concatenate([x, x, x], axis=-1)
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        if self.mode == "unit":
+            return x / 255.0
+        if self.mode == "torch":
+            mean = ops.convert_to_tensor(_IMAGENET_MEAN, dtype="float32")
+            std = ops.convert_to_tensor(_IMAGENET_STD, dtype="float32")
+            return (x / 255.0 - mean) / std
+        # caffe: RGB -> BGR, zero-centre per channel; gray input makes the flip a no-op but keep it exact.
+        x = ops.flip(x, axis=-1)
+        return x - ops.convert_to_tensor(_CAFFE_MEAN_BGR, dtype="float32")
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], 3)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "mode": self.mode}
+
+
+def check_input_scale(x: np.ndarray, *, where: str = "input") -> None:
+    """Warn when images do not look like raw 0..255 pixels.
+
+    Models built here preprocess inside the graph; feeding images already scaled to [0, 1]
+    (or [-1, 1]) silently gives near-constant predictions, so we say so loudly.
+    """
+    arr = np.asarray(x)
+    if arr.size == 0:
+        return
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= 1.0 + 1e-6:
+        warnings.warn(
+            f"{where}: pixel values lie in [{lo:.3g}, {hi:.3g}]; covidlib models expect raw 0..255 "
+            "images (preprocessing is inside the model). Did you rescale them already?",
+            UserWarning,
+            stacklevel=2,
+        )
+    elif hi > 255.0 + 1e-3 or lo < -1e-3:
+        warnings.warn(
+            f"{where}: pixel values lie in [{lo:.3g}, {hi:.3g}], outside 0..255 "
+            "(16-bit or HU data must be windowed to 8 bits first, see covidlib.io).",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def build_augmentation(seed: int = 0, strength: float = 1.0) -> keras.Sequential:
+    """Augmentation as preprocessing layers inside the training model.
+
+    Flip, small rotation, zoom, translation and contrast; they run on the accelerator and are
+    inactive at inference. ``RandomShear`` is deliberately absent: in Keras 3.15 a model holding
+    it saves but does not load back.
+    """
+    s = float(strength)
+    return keras.Sequential(
+        [
+            layers.RandomFlip("horizontal", seed=seed),
+            layers.RandomRotation(0.04 * s, fill_mode="constant", seed=seed + 1),
+            layers.RandomZoom(0.1 * s, fill_mode="constant", seed=seed + 2),
+            layers.RandomTranslation(0.06 * s, 0.06 * s, fill_mode="constant", seed=seed + 3),
+            # RandomContrast expects a known value range; our inputs are 0..255.
+            layers.RandomContrast(0.15 * s, value_range=(0, 255), seed=seed + 4),
+        ],
+        name="augment",
+    )
+
+
+def _small_cnn(img_size: int) -> keras.Model:
+    inp = keras.Input((img_size, img_size, 3))
+    x = inp
+    for i, filters in enumerate((16, 32, 64, 96)):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)
+        x = layers.Activation("relu", name=f"relu{i}")(x)
+        if i < 3:
+            x = layers.MaxPooling2D(name=f"pool{i}")(x)
+    return keras.Model(inp, x, name="backbone")
+
+
+def build_backbone(backbone: str, img_size: int, weights: str | None = None,
+                   bn_momentum: float | None = 0.9) -> keras.Model:
+    """Build a headless backbone whose output is the last 4-D feature map.
+
+    Args:
+        backbone: a name from :data:`BACKBONES`.
+        img_size: square input size in pixels (>= 32).
+        weights: ``"imagenet"``, ``None`` (random init), or a path to a weights file for this
+            backbone (``.weights.h5`` or Keras ``.h5``).
+        bn_momentum: when training from scratch, batch-norm momentum to use instead of the
+            Keras default (0.99 / MobileNetV2's 0.999): with a few hundred steps the moving
+            statistics otherwise barely move and every prediction collapses to one class.
+            Ignored for pretrained weights, whose statistics are already right.
+
+    Raises:
+        WeightsUnavailableError: ImageNet weights are not cached and cannot be downloaded.
+        FileNotFoundError: ``weights`` is a path that does not exist.
+    """
+    spec = _spec(backbone)
+    if img_size < 32:
+        raise ValueError(f"img_size must be >= 32 for {backbone}, got {img_size}")
+    if backbone == "SmallCNN":
+        model = _small_cnn(img_size)
+        if weights not in (None, "imagenet"):
+            model.load_weights(_existing_path(weights))
+        elif weights == "imagenet":
+            raise ValueError("SmallCNN has no ImageNet weights; use weights=None")
+        return model
+
+    ctor = getattr(keras.applications, spec.constructor)
+    kwargs = dict(include_top=False, input_shape=(img_size, img_size, 3), pooling=None)
+    if weights is None:
+        model = ctor(weights=None, **kwargs)
+    elif weights == "imagenet":
+        model = _build_with_imagenet(ctor, kwargs, backbone, img_size)
+    else:
+        path = _existing_path(weights)
+        model = ctor(weights=None, **kwargs)
+        try:
+            model.load_weights(str(path))
+        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+            raise ValueError(f"could not load weights for {backbone} from {path}: {exc}") from exc
+    model.name = "backbone"
+    if weights is None and bn_momentum is not None:
+        set_batchnorm_momentum(model, bn_momentum)
+    return model
+
+
+def _existing_path(weights: str | os.PathLike) -> Path:
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights file {path} does not exist; WEIGHTS must be 'imagenet', None or a path to a file"
+        )
+    return path
+
+
+def _build_with_imagenet(ctor, kwargs: dict, backbone: str, img_size: int) -> keras.Model:
+    fname = imagenet_weights_file(backbone, img_size)
+    cached = keras_cache_dir() / fname
+    hint = (
+        f"ImageNet weights for {backbone} are not available: the file {fname} is not in "
+        f"{cached.parent} and could not be downloaded ({BACKBONES[backbone].weights_url}{fname}). "
+        f"Either connect to the internet once, or download that file on another machine and "
+        f"put it at {cached} (or set KERAS_HOME), or pass WEIGHTS=None to train from scratch, "
+        f"or WEIGHTS='/path/to/backbone.weights.h5'."
+    )
+    old_timeout = socket.getdefaulttimeout()
+    # urlretrieve has no timeout of its own: without one a half-open network hangs forever.
+    socket.setdefaulttimeout(20)
+    try:
+        return ctor(weights="imagenet", **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any download/IO failure gets the same clear message
+        raise WeightsUnavailableError(hint) from exc
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
+def set_batchnorm_momentum(model: keras.Model, momentum: float) -> int:
+    """Set the momentum of every BatchNormalization layer in ``model``; return how many."""
+    n = 0
+    for layer in _walk_layers(model):
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = float(momentum)
+            n += 1
+    return n
+
+
+def _walk_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _walk_layers(layer)
+
+
+def build_model(
+    backbone: str,
+    num_classes: int,
+    img_size: int = 224,
+    *,
+    weights: str | None = None,
+    head: str = "gap",
+    dropout: float = 0.3,
+    augment: bool = True,
+    seed: int = 0,
+    bn_momentum: float | None = 0.9,
+) -> keras.Model:
+    """Build a classifier: raw 0..255 grayscale in, class probabilities out.
+
+    With pretrained weights the backbone runs with ``training=False`` (keras-io transfer-learning
+    recipe): its batch-norm layers stay in inference mode even after unfreezing, so fine-tuning
+    does not wreck the learned statistics. From scratch it trains normally.
+
+    Args:
+        backbone: a name from :data:`BACKBONES`.
+        num_classes: number of output classes (>= 2).
+        img_size: square input size.
+        weights: ``"imagenet"``, ``None`` or a weights-file path.
+        head: ``"gap"`` (pool -> dropout -> softmax) or ``"gap_dense256"`` (pool -> dense 256 relu ->
+            dropout -> softmax, the classic transfer-learning head of the seeds' notebooks).
+        dropout: dropout rate before the classifier.
+        augment: include the augmentation block (active only while training).
+        seed: seed of the augmentation layers.
+        bn_momentum: see :func:`build_backbone`.
+    """
+    if num_classes < 2:
+        raise ValueError("num_classes must be >= 2")
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {list(HEADS)}")
+    spec = _spec(backbone)
+    base = build_backbone(backbone, img_size, weights, bn_momentum=bn_momentum)
+    pretrained = weights is not None
+    inputs = keras.Input((img_size, img_size, 1), name="image")
+    x = inputs
+    if augment:
+        x = build_augmentation(seed)(x)
+    x = BackbonePreprocess(spec.preprocess, name="preprocess")(x)
+    x = base(x, training=False) if pretrained else base(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    if head == "gap_dense256":
+        x = layers.Dense(256, activation="relu", name="hidden")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="predictions", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name=f"{backbone}_classifier")
+
+
+def set_backbone_trainable(model: keras.Model, trainable: bool, top_n: int | None = None) -> None:
+    """Freeze or unfreeze the backbone; with ``top_n``, unfreeze only its last ``top_n`` layers.
+
+    Batch-norm layers inside a pretrained backbone stay frozen (they run in inference mode anyway).
+    Recompile the model afterwards: Keras reads ``trainable`` at compile time.
+    """
+    base = model.get_layer("backbone")
+    base.trainable = trainable
+    if trainable and top_n is not None:
+        for layer in base.layers[:-top_n]:
+            layer.trainable = False
+    if trainable:
+        for layer in base.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.trainable = False
+
+
+def load_model(path: str | os.PathLike, *, safe_mode: bool = True) -> keras.Model:
+    """Load a saved ``.keras`` model with Keras safe mode on (no code from the file runs).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file holds code (e.g. a Lambda layer) or is not a Keras model.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"model file {p} does not exist")
+    try:
+        return keras.saving.load_model(p, safe_mode=safe_mode, compile=False)
+    except ValueError as exc:
+        if "safe_mode" in str(exc) or "Lambda" in str(exc):
+            raise ValueError(
+                f"refusing to load {p}: it contains code (e.g. a Lambda layer) and covidlib loads "
+                "models in Keras safe mode. Only load model files you trust, and rebuild them "
+                "without Lambda layers."
+            ) from exc
+        raise
