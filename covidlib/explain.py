@@ -1,0 +1,460 @@
+"""Grad-CAM heatmaps for covidlib models, and overlays to look at them.
+
+Models from :func:`covidlib.models.build_model` are a linear chain
+``image -> (augment) -> preprocessing -> backbone -> pool -> dropout -> predictions``.
+Grad-CAM hooks on the ``backbone`` output (the last conv block, 4-D feature map).
+
+Two ways to get the channel weights:
+
+* **analytic** (default when the head is GAP -> Dropout* -> Dense): for a global average
+  pool followed by a linear logit, ``d logit_c / d A_k(i, j) = W[k, c] / (H * W)`` for every
+  position, so the Grad-CAM weights are exactly ``W[:, c] / (H * W)`` (CAM == Grad-CAM for
+  this head). Backend-free.
+* **gradient**: any head; the gradient of the class logit (pre-softmax when the last layer is
+  a softmax Dense or a softmax Activation, else the output itself) w.r.t. the feature map,
+  taken with the running Keras backend (TensorFlow, JAX or PyTorch).
+
+Keras is imported lazily so importing this module stays cheap (plots.py uses
+:func:`overlay_heatmap`).
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "grad_cam",
+    "ensemble_grad_cam",
+    "overlay_heatmap",
+    "save_gradcam",
+]
+
+_BATCH = 32
+
+
+# --------------------------------------------------------------------------- model surgery
+def _layer_chain(model: Any, layer_name: str) -> tuple[list, Any, list]:
+    """Split a linear-chain model into (layers before, target layer, head layers)."""
+    import keras
+
+    layers = [lyr for lyr in model.layers if not isinstance(lyr, keras.layers.InputLayer)]
+    names = [lyr.name for lyr in layers]
+    if layer_name not in names:
+        raise ValueError(
+            f"grad_cam: model {model.name!r} has no top-level layer {layer_name!r}; "
+            f"its layers are {names}"
+        )
+    i = names.index(layer_name)
+    return layers[:i], layers[i], layers[i + 1 :]
+
+
+def _is_softmax(fn: Any) -> bool:
+    import keras
+
+    return fn is keras.activations.softmax or getattr(fn, "__name__", "") == "softmax"
+
+
+def _is_linear(fn: Any) -> bool:
+    import keras
+
+    return fn is None or fn is keras.activations.linear or getattr(fn, "__name__", "") == "linear"
+
+
+def _analytic_head(head: list) -> Any | None:
+    """The final Dense layer when the head is GAP -> (Dropout|identity)* -> Dense, else None."""
+    import keras
+
+    if len(head) < 2:
+        return None
+    pool, *middle, dense = head
+    if not isinstance(pool, keras.layers.GlobalAveragePooling2D):
+        return None
+    if getattr(pool, "data_format", "channels_last") != "channels_last" or getattr(pool, "keepdims", False):
+        return None
+    passthrough = (keras.layers.Dropout, keras.layers.Identity)
+    if not all(isinstance(lyr, passthrough) for lyr in middle):
+        return None
+    if not isinstance(dense, keras.layers.Dense):
+        return None
+    if not (_is_softmax(dense.activation) or _is_linear(dense.activation)):
+        return None
+    return dense
+
+
+def _dense_logits(dense: Any, x: Any) -> Any:
+    from keras import ops
+
+    z = ops.matmul(x, ops.cast(dense.kernel, x.dtype))
+    if dense.bias is not None:
+        z = z + ops.cast(dense.bias, x.dtype)
+    return z
+
+
+def _head_logits(head: list, features: Any) -> Any:
+    """Run the head on ``features`` (training=False); pre-softmax logits when reachable."""
+    import keras
+
+    x = features
+    last = len(head) - 1
+    for j, lyr in enumerate(head):
+        if j == last and isinstance(lyr, keras.layers.Dense) and _is_softmax(lyr.activation):
+            return _dense_logits(lyr, x)
+        if j == last and isinstance(lyr, keras.layers.Activation) and _is_softmax(lyr.activation):
+            return x
+        if j == last and isinstance(lyr, keras.layers.Softmax):
+            return x
+        x = lyr(x, training=False)
+    return x
+
+
+# --------------------------------------------------------------------------- gradients
+def _logit_grads(head: list, features: Any, onehot: np.ndarray) -> np.ndarray:
+    """d (sum_i logit_i[c_i]) / d features, per backend. Samples are independent at inference."""
+    import keras
+    from keras import ops
+
+    backend = keras.backend.backend()
+    onehot_t = ops.convert_to_tensor(onehot, dtype="float32")
+
+    def score_fn(feat):
+        logits = ops.cast(_head_logits(head, feat), "float32")
+        return ops.sum(logits * onehot_t)
+
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        feat = tf.convert_to_tensor(features)
+        with tf.GradientTape() as tape:
+            tape.watch(feat)
+            score = score_fn(feat)
+        grads = tape.gradient(score, feat)
+    elif backend == "jax":
+        import jax
+
+        grads = jax.grad(score_fn)(features)
+    elif backend == "torch":
+        import torch
+
+        feat = features.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            score = score_fn(feat)
+            (grads,) = torch.autograd.grad(score, feat)
+    else:
+        raise NotImplementedError(
+            f"grad_cam: gradient path not implemented for Keras backend {backend!r}; "
+            "use a model whose head is GAP -> Dropout -> Dense (analytic path)"
+        )
+    if grads is None:
+        raise ValueError("grad_cam: the class score does not depend on the feature map")
+    return np.asarray(ops.convert_to_numpy(grads), dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- inputs
+def _model_hw(model: Any) -> tuple[int | None, int | None]:
+    shape = model.inputs[0].shape
+    if len(shape) != 4:
+        raise ValueError(f"grad_cam: expected a model with 4-D image input, got input shape {tuple(shape)}")
+    return shape[1], shape[2]
+
+
+def _as_batch(images: Any, channels: int | None) -> np.ndarray:
+    """To (n, H, W, C) float32. Accepts (H, W), (H, W, C), (n, H, W), (n, H, W, C)."""
+    arr = np.asarray(images)
+    if arr.dtype == object or arr.size == 0:
+        raise ValueError("grad_cam: images must be a non-empty numeric array of equal-sized images")
+    if arr.ndim == 2:
+        arr = arr[None, :, :, None]
+    elif arr.ndim == 3:
+        # (H, W, C) with C equal to the model's channels is one image, otherwise a batch of 2-D.
+        if channels is not None and arr.shape[-1] == channels and channels in (1, 3):
+            arr = arr[None]
+        else:
+            arr = arr[..., None]
+    elif arr.ndim != 4:
+        raise ValueError(f"grad_cam: images must be 2-D, 3-D or 4-D, got shape {arr.shape}")
+    arr = arr.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("grad_cam: images contain NaN or inf")
+    if channels is not None and arr.shape[-1] != channels:
+        if arr.shape[-1] == 1:
+            arr = np.repeat(arr, channels, axis=-1)
+        else:
+            raise ValueError(f"grad_cam: images have {arr.shape[-1]} channels, the model expects {channels}")
+    return arr
+
+
+def _resize_batch(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    h, w = hw
+    if x.shape[1:3] == (h, w):
+        return x
+    out = np.stack([cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR) for img in x])
+    return out.reshape(len(x), h, w, x.shape[-1])
+
+
+def _class_indices(class_index: Any, n: int, k: int | None) -> np.ndarray | None:
+    if class_index is None:
+        return None
+    idx = np.asarray(class_index)
+    if idx.ndim == 0:
+        idx = np.full(n, int(idx))
+    if idx.shape != (n,):
+        raise ValueError(f"grad_cam: class_index must be an int or one int per image ({n}), got shape {idx.shape}")
+    if idx.dtype.kind not in "iuf":
+        raise ValueError(f"grad_cam: class_index must be integer, got dtype {idx.dtype}")
+    if idx.dtype.kind == "f":
+        if not np.all(np.isfinite(idx)) or not np.all(np.equal(np.mod(idx, 1), 0)):
+            raise ValueError("grad_cam: class_index must be integer")
+        idx = idx.astype(np.int64)
+    if k is not None and (idx.min() < 0 or idx.max() >= k):
+        raise ValueError(f"grad_cam: class_index out of range for {k} classes: {sorted(set(idx.tolist()))}")
+    return idx.astype(np.int64)
+
+
+def _finish(cam: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """ReLU, resize to the input size, scale each map to [0, 1] (all-zero map stays zero)."""
+    cam = np.maximum(cam, 0.0).astype(np.float32)
+    h, w = out_hw
+    maps = []
+    for c in cam:
+        r = cv2.resize(c, (w, h), interpolation=cv2.INTER_LINEAR) if c.shape != (h, w) else c
+        r = np.maximum(r, 0.0)
+        peak = float(r.max())
+        maps.append(r / peak if peak > 1e-12 else np.zeros_like(r))
+    return np.clip(np.stack(maps), 0.0, 1.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- public API
+def grad_cam(
+    model: Any,
+    images: Any,
+    class_index: int | Sequence[int] | np.ndarray | None = None,
+    layer_name: str = "backbone",
+    method: str = "auto",
+    batch_size: int = _BATCH,
+) -> np.ndarray:
+    """Grad-CAM heatmaps for a linear-chain covidlib model.
+
+    Args:
+        model: functional ``keras.Model`` with a linear layer chain (see module docstring).
+        images: one image (H, W) / (H, W, C) or a batch (n, H, W) / (n, H, W, C), values as the
+            model expects them (0..255 grayscale for covidlib models). Images whose size differs
+            from the model input are resized for the model; heatmaps come back at the images' size.
+        class_index: None -> each image's predicted class; an int -> that class for all images;
+            a sequence -> one class per image.
+        layer_name: top-level layer whose 4-D output is the Grad-CAM target.
+        method: "auto" (analytic when the head allows it, else gradient), "analytic" or "gradient".
+        batch_size: images per forward pass.
+
+    Returns:
+        float32 array (n, H, W) in [0, 1]; each map scaled by its own maximum (a map with no
+        positive evidence is all zeros).
+
+    Raises:
+        ValueError: unknown layer, non-4-D target output, bad class_index / images, analytic
+            method requested for a head it does not apply to, or a model that is not a linear chain.
+    """
+    if method not in ("auto", "analytic", "gradient"):
+        raise ValueError(f"grad_cam: method must be 'auto', 'analytic' or 'gradient', got {method!r}")
+    from keras import ops
+
+    before, target, head = _layer_chain(model, layer_name)
+    if not head:
+        raise ValueError(f"grad_cam: layer {layer_name!r} is the model's last layer; nothing to explain")
+    dense = _analytic_head(head)
+    if method == "analytic" and dense is None:
+        raise ValueError(
+            "grad_cam: analytic weights need a GAP -> Dropout -> Dense(softmax|linear) head; "
+            f"this head is {[type(h).__name__ for h in head]} (use method='gradient')"
+        )
+    use_analytic = dense is not None and method != "gradient"
+    batch_size = max(1, int(batch_size))
+
+    in_shape = model.inputs[0].shape
+    mh, mw = _model_hw(model)
+    x_all = _as_batch(images, in_shape[-1])
+    n, out_hw = len(x_all), x_all.shape[1:3]
+    k = model.outputs[0].shape[-1]
+    cls = _class_indices(class_index, n, k)
+    if mh is not None and mw is not None:
+        x_all = _resize_batch(x_all, (mh, mw))
+
+    not_chain = (
+        "grad_cam: running the layers one after another does not reproduce the model's "
+        "output; the model is not a linear layer chain"
+    )
+    cams = []
+    for start in range(0, n, batch_size):
+        xb = ops.convert_to_tensor(x_all[start : start + batch_size])
+        first = start == 0
+        try:
+            feats = _run_layers(before + [target], xb)
+        except Exception as exc:
+            if not first:
+                raise
+            raise ValueError(f"{not_chain} ({type(exc).__name__}: {exc})") from exc
+        if len(feats.shape) != 4:
+            raise ValueError(
+                f"grad_cam: layer {layer_name!r} outputs shape {tuple(feats.shape)}; a 4-D feature map is needed"
+            )
+        if first:
+            # The layer-by-layer run must reproduce the model, else the heatmap would be silently wrong.
+            try:
+                mine = np.asarray(ops.convert_to_numpy(_run_layers(head, feats)), dtype=np.float64)
+            except Exception as exc:  # a branching graph fails in many layer-specific ways
+                raise ValueError(f"{not_chain} ({type(exc).__name__}: {exc})") from exc
+            ref = np.asarray(ops.convert_to_numpy(model(xb, training=False)), dtype=np.float64)
+            if ref.shape != mine.shape or not np.allclose(ref, mine, atol=1e-3, rtol=1e-3):
+                raise ValueError(not_chain)
+        feats_np = np.asarray(ops.convert_to_numpy(feats), dtype=np.float64)
+        logits = np.asarray(ops.convert_to_numpy(_head_logits(head, feats)), dtype=np.float64)
+        cb = np.argmax(logits, axis=1) if cls is None else cls[start : start + len(feats_np)]
+        if use_analytic:
+            kernel = np.asarray(ops.convert_to_numpy(dense.kernel), dtype=np.float64)  # (C, k)
+            weights = kernel[:, cb].T / (feats_np.shape[1] * feats_np.shape[2])  # (b, C)
+        else:
+            onehot = np.zeros(logits.shape, dtype=np.float32)
+            onehot[np.arange(len(cb)), cb] = 1.0
+            grads = _logit_grads(head, feats, onehot)
+            weights = grads.mean(axis=(1, 2))  # (b, C)
+        cams.append(np.einsum("bhwc,bc->bhw", feats_np, weights))
+    return _finish(np.concatenate(cams), out_hw)
+
+
+def _run_layers(layers: list, x: Any) -> Any:
+    """Apply layers in order at inference (augmentation and dropout inactive)."""
+    for lyr in layers:
+        x = lyr(x, training=False)
+    return x
+
+
+def _predict_probs(model: Any, images: np.ndarray, batch_size: int = _BATCH) -> np.ndarray:
+    from keras import ops
+
+    mh, mw = _model_hw(model)
+    x = _as_batch(images, model.inputs[0].shape[-1])
+    if mh is not None and mw is not None:
+        x = _resize_batch(x, (mh, mw))
+    out = [
+        np.asarray(ops.convert_to_numpy(model(ops.convert_to_tensor(x[s : s + batch_size]), training=False)))
+        for s in range(0, len(x), batch_size)
+    ]
+    return np.concatenate(out).astype(np.float64)
+
+
+def ensemble_grad_cam(
+    models: Sequence[Any],
+    images: Any,
+    class_index: int | Sequence[int] | np.ndarray | None = None,
+    layer_name: str = "backbone",
+) -> np.ndarray:
+    """Mean of the members' Grad-CAM heatmaps for the ensemble's class.
+
+    Args:
+        models: the ensemble members (same class order).
+        images: as for :func:`grad_cam`.
+        class_index: None -> argmax of the soft vote (mean of the members' probabilities);
+            else as for :func:`grad_cam`.
+        layer_name: target layer in every member.
+
+    Returns:
+        float32 (n, H, W) in [0, 1]: the plain mean of the members' [0, 1] maps.
+    """
+    models = list(models)
+    if not models:
+        raise ValueError("ensemble_grad_cam: no models given")
+    ks = {m.outputs[0].shape[-1] for m in models}
+    if len(ks) != 1:
+        raise ValueError(f"ensemble_grad_cam: members disagree on the number of classes: {sorted(ks)}")
+    if class_index is None:
+        probs = np.mean([_predict_probs(m, images) for m in models], axis=0)
+        class_index = np.argmax(probs, axis=1)
+    maps = [grad_cam(m, images, class_index=class_index, layer_name=layer_name) for m in models]
+    return np.clip(np.mean(maps, axis=0), 0.0, 1.0).astype(np.float32)
+
+
+def _gray_uint8(image: Any) -> np.ndarray:
+    img = np.asarray(image)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.ndim == 3 and img.shape[-1] in (3, 4):
+        img = cv2.cvtColor(np.ascontiguousarray(img[..., :3]).astype(np.float32), cv2.COLOR_RGB2GRAY)
+    if img.ndim != 2:
+        raise ValueError(f"overlay_heatmap: image must be 2-D grayscale (or H, W, 1/3), got shape {img.shape}")
+    if img.dtype == np.uint8:
+        return img
+    img = img.astype(np.float64)
+    if not np.all(np.isfinite(img)):
+        raise ValueError("overlay_heatmap: image contains NaN or inf")
+    lo, hi = float(img.min()), float(img.max())
+    if lo >= 0.0 and hi <= 255.0 and hi > 1.0:
+        return np.round(img).astype(np.uint8)  # already on a 0..255 scale (float model input)
+    if hi - lo < 1e-12:
+        return np.zeros(img.shape, np.uint8)
+    return np.round((img - lo) / (hi - lo) * 255.0).astype(np.uint8)
+
+
+def overlay_heatmap(
+    image_2d_uint8: np.ndarray,
+    heatmap: np.ndarray,
+    alpha: float = 0.4,
+    colormap: int = cv2.COLORMAP_JET,
+) -> np.ndarray:
+    """Blend a [0, 1] heatmap (colour-mapped) over a grayscale image.
+
+    Args:
+        image_2d_uint8: (H, W) uint8 grayscale. Other dtypes are scaled to uint8 (0..255 floats
+            kept, anything else min-max scaled); (H, W, 1) and RGB are accepted.
+        heatmap: (h, w) values in [0, 1]; resized to (H, W) if needed.
+        alpha: weight of the heatmap colour, 0..1.
+        colormap: an OpenCV colormap id.
+
+    Returns:
+        (H, W, 3) uint8 RGB.
+    """
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"overlay_heatmap: alpha must be in [0, 1], got {alpha}")
+    gray = _gray_uint8(image_2d_uint8)
+    hm = np.asarray(heatmap, dtype=np.float32)
+    if hm.ndim == 3 and hm.shape[-1] == 1:
+        hm = hm[..., 0]
+    if hm.ndim != 2:
+        raise ValueError(f"overlay_heatmap: heatmap must be 2-D, got shape {hm.shape}")
+    if not np.all(np.isfinite(hm)):
+        raise ValueError("overlay_heatmap: heatmap contains NaN or inf")
+    if hm.shape != gray.shape:
+        hm = cv2.resize(hm, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_LINEAR)
+    hm8 = np.round(np.clip(hm, 0.0, 1.0) * 255.0).astype(np.uint8)
+    color = cv2.cvtColor(cv2.applyColorMap(hm8, colormap), cv2.COLOR_BGR2RGB)
+    base = cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
+    out = (1.0 - alpha) * base.astype(np.float32) + alpha * color.astype(np.float32)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def save_gradcam(image: np.ndarray, heatmap: np.ndarray, path: str | os.PathLike, alpha: float = 0.4) -> Path:
+    """Write the heatmap overlay of ``image`` as a PNG, atomically (parent folders created).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    rgb = overlay_heatmap(image, heatmap, alpha=alpha)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError(f"save_gradcam: could not encode PNG for {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique name opened normally (not mkstemp) so the PNG gets the usual umask permissions.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(buf.tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
