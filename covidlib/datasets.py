@@ -1170,7 +1170,8 @@ def summarize(df: pd.DataFrame, unit: str = "images") -> pd.DataFrame:
 # ----------------------------------------------------------------------------------------------
 
 
-def _resolve_source(source, modality: str, seed: int) -> tuple[Path, str, list[str], dict, list[str]]:
+def _resolve_source(source, modality: str, seed: int,
+                    synthetic_patients: int | None = None) -> tuple[Path, str, list[str], dict, list[str]]:
     """(local path, source name, notes, registry aliases, warnings) for "synthetic", a registry
     name or a path."""
     notes: list[str] = []
@@ -1178,8 +1179,10 @@ def _resolve_source(source, modality: str, seed: int) -> tuple[Path, str, list[s
     if isinstance(source, str) and source.strip().lower() == "synthetic":
         from covidlib.synthetic import write_synthetic_dataset
 
-        root = config.data_dir() / "synthetic" / modality
-        csv_path = write_synthetic_dataset(root=root, modality=modality, seed=seed)
+        n = int(synthetic_patients or 12)
+        # One folder per parameter set: two runs with different sizes never rewrite each other.
+        root = config.data_dir() / "synthetic" / f"{modality}-p{n}-seed{seed}"
+        csv_path = write_synthetic_dataset(root=root, modality=modality, n_patients=n, seed=seed)
         notes.append(f"synthetic {modality} phantom data set at {root} (for testing the pipeline, not medicine)")
         return Path(csv_path), "synthetic", notes, {}, warn
     p = Path(os.path.expanduser(str(source)))
@@ -1232,6 +1235,7 @@ def ingest(
     work_dir: str | os.PathLike | None = None,
     aliases: Mapping[str, str | None] | None = None,
     layout: str | None = None,
+    synthetic_patients: int | None = None,
 ) -> IngestResult:
     """Read a data set in any supported layout into one verified manifest.
 
@@ -1247,6 +1251,7 @@ def ingest(
         work_dir: where DICOM / NIfTI slices are converted to (``work_dir/converted/...``);
             default ``config.data_dir()``. Never inside the source folder.
         aliases: extra / overriding ``{class name: canonical label or "ignore"}``.
+        synthetic_patients: patients per class when ``source == "synthetic"`` (default 12).
         layout: force one of :data:`LAYOUTS` instead of detecting it.
 
     Returns:
@@ -1264,7 +1269,7 @@ def ingest(
     _check_fractions(val_fraction, test_fraction)
     rx = _compile_pattern(patient_pattern) if patient_pattern is not None else None
 
-    root, source_name, notes, reg_aliases, warn = _resolve_source(source, modality, seed)
+    root, source_name, notes, reg_aliases, warn = _resolve_source(source, modality, seed, synthetic_patients)
     if reg_aliases:
         aliases = {**reg_aliases, **dict(aliases or {})}  # the user's aliases win
     quarantine: list[dict] = []

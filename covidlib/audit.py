@@ -1,0 +1,1052 @@
+"""Data audit: duplicates, leakage across splits, missing patient ids and shortcut features.
+
+Everything here only *reads* images: no file is ever written, moved or deleted (apart from the
+report written by :func:`write_audit`, where the caller asks for it).
+
+Perceptual hash
+---------------
+:func:`perceptual_hash` is a 64-bit *difference hash* (dHash): the 2-D image is resized with area
+averaging to 9 columns x 8 rows, and bit ``8*r + c`` (most significant bit first) is 1 when pixel
+``(r, c)`` is brighter than its right neighbour ``(r, c+1)`` by more than 1 % of the thumbnail's
+intensity range. The 1 % dead zone matters: in flat regions (the black background of a CT slice)
+plain dHash compares noise with noise, and a re-encoded copy flipped up to 19 of 64 bits on
+ct-mosmed; with it, re-encoded / resized / noised copies stay within 2 bits.
+
+Near-duplicate threshold
+------------------------
+Candidates are pairs whose hashes differ in ``<= 6`` of 64 bits (~10 %): copies measured 0-2 bits
+apart, unrelated natural images ~32. But 64 bits at 9x8 mostly encode the outline of the body, and
+*different* CT slices taken with the same field of view are 0-2 bits apart as well (on ct-mosmed
+every slice had another within 2 bits). So when pixels are available a candidate is confirmed only if
+the two images' *structure signatures* -- 32x32 area-averaged thumbnails, high-passed (minus a
+Gaussian blur, sigma 1 px) so the shared outline drops out, then correlated (Pearson) -- correlate
+``>= 0.95``. Copies (re-encoded, resized, noise sigma 8, gamma 0.8, contrast changes) scored >= 0.988;
+the most similar *distinct* slices of ct-mosmed scored <= 0.91. Pass ``min_correlation=None`` for the
+pure-hash behaviour.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from covidlib import config
+
+__all__ = [
+    "DEFAULT_NEAR_DUP_THRESHOLD",
+    "SHORTCUT_BALANCED_ACCURACY",
+    "DEFAULT_MIN_CORRELATION",
+    "perceptual_hash",
+    "structure_signature",
+    "hamming_distance",
+    "near_duplicate_groups",
+    "audit_manifest",
+    "write_audit",
+    "format_audit",
+]
+
+DEFAULT_NEAR_DUP_THRESHOLD = 6
+DEFAULT_MIN_CORRELATION = 0.95
+# Fraction of the thumbnail range a neighbour must exceed to set a bit (see module docstring).
+_DHASH_DEAD_ZONE = 0.01
+_SIG_SIZE = 32
+_SIG_SIGMA = 1.0
+
+# Pairwise Hamming distances are computed in blocks of this many rows, so memory stays at
+# ~block * n bytes however large the data set.
+_PAIR_BLOCK = 1024
+
+
+def perceptual_hash(img: np.ndarray) -> int:
+    """64-bit difference hash (dHash) of a 2-D grayscale image.
+
+    The image is resized (area averaging) to 9 wide x 8 high; each of the 64 bits says whether a
+    pixel is brighter than its right-hand neighbour by more than 1 % of the thumbnail's range
+    (row-major, most significant bit first).
+    Works for uint8, uint16 and float images; a constant image hashes to 0.
+
+    Args:
+        img: 2-D array (H, W). A 3-D array with 1 channel is accepted; colour images must be
+            converted to gray first (``covidlib.io.read_image`` does that).
+
+    Returns:
+        The hash as a non-negative Python ``int`` < 2**64.
+
+    Raises:
+        ValueError: if ``img`` is not a non-empty 2-D image.
+    """
+    a = np.asarray(img)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim != 2 or a.size == 0:
+        raise ValueError(f"perceptual_hash expects a non-empty 2-D grayscale image, got shape {a.shape}")
+    import cv2  # local: keeps `import covidlib.audit` light
+
+    small = cv2.resize(a.astype(np.float32, copy=False), (9, 8), interpolation=cv2.INTER_AREA)
+    # The floor absorbs float round-off of the resize (a constant image must hash to 0).
+    tol = max(_DHASH_DEAD_ZONE * float(small.max() - small.min()), 1e-4 * max(1.0, float(np.abs(small).max())))
+    bits = (small[:, :-1] - small[:, 1:] > tol).ravel()
+    value = 0
+    for b in bits:
+        value = (value << 1) | int(b)
+    return value
+
+
+def structure_signature(img: np.ndarray) -> np.ndarray:
+    """Unit-norm 1024-vector used to confirm near-duplicate candidates (see module docstring).
+
+    32x32 area-averaged thumbnail minus its Gaussian blur (sigma 1 px), zero mean, unit length:
+    the dot product of two signatures is their Pearson correlation. A constant image gives zeros.
+    """
+    a = np.asarray(img)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim != 2 or a.size == 0:
+        raise ValueError(f"structure_signature expects a 2-D image, got shape {a.shape}")
+    import cv2
+
+    t = cv2.resize(a.astype(np.float32, copy=False), (_SIG_SIZE, _SIG_SIZE), interpolation=cv2.INTER_AREA)
+    t = (t - cv2.GaussianBlur(t, (0, 0), _SIG_SIGMA)).ravel()
+    t -= t.mean()
+    norm = float(np.linalg.norm(t))
+    return (t / norm if norm > 1e-6 else np.zeros_like(t)).astype(np.float32)
+
+
+def hamming_distance(a: int, b: int) -> int:
+    """Number of differing bits between two 64-bit hashes."""
+    return bin((int(a) ^ int(b)) & 0xFFFFFFFFFFFFFFFF).count("1")
+
+
+def _popcount64(x: np.ndarray) -> np.ndarray:
+    """Bit count of a uint64 array (numpy >= 2 has it built in)."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x).astype(np.int16)
+    table = np.array([bin(i).count("1") for i in range(256)], dtype=np.int16)
+    return table[x.view(np.uint8).reshape(x.shape + (8,))].sum(axis=-1)
+
+
+def _near_duplicate_pairs(
+    hashes: Sequence[int] | np.ndarray,
+    threshold: int = DEFAULT_NEAR_DUP_THRESHOLD,
+    signatures: np.ndarray | None = None,
+    min_correlation: float | None = DEFAULT_MIN_CORRELATION,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All pairs ``i < j`` with Hamming distance <= threshold (and, with ``signatures``, structure
+    correlation >= min_correlation): arrays (i, j, hamming distance)."""
+    h = np.asarray([int(x) for x in hashes], dtype=np.uint64)
+    n = len(h)
+    use_sig = signatures is not None and min_correlation is not None and n > 0
+    # Keep each block's n-wide float matrix around 64 MB whatever the data set size.
+    block = max(16, min(_PAIR_BLOCK, int(16_000_000 // max(n, 1)))) if use_sig else _PAIR_BLOCK
+    ii: list[np.ndarray] = []
+    jj: list[np.ndarray] = []
+    dd: list[np.ndarray] = []
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        # Compare the block against everything from its own first row on (upper triangle only).
+        d = _popcount64(h[start:stop, None] ^ h[None, start:])
+        mask = d <= threshold
+        mask &= np.arange(start, n)[None, :] > np.arange(start, stop)[:, None]
+        if use_sig and mask.any():
+            corr = signatures[start:stop] @ signatures[start:].T
+            mask &= corr >= min_correlation
+        r, c = np.nonzero(mask)
+        ii.append(r + start)
+        jj.append(c + start)
+        dd.append(d[r, c])
+    if not ii:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    return (
+        np.concatenate(ii).astype(np.int64),
+        np.concatenate(jj).astype(np.int64),
+        np.concatenate(dd).astype(np.int64),
+    )
+
+
+def _union_find_groups(n: int, pairs_i: Iterable[int], pairs_j: Iterable[int]) -> list[int]:
+    """Connected components; group ids are 0, 1, 2... in order of each group's first member."""
+    parent = list(range(n))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]  # path halving
+            x = parent[x]
+        return x
+
+    for a, b in zip(pairs_i, pairs_j):
+        ra, rb = find(int(a)), find(int(b))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    ids: dict[int, int] = {}
+    out = []
+    for k in range(n):
+        root = find(k)
+        if root not in ids:
+            ids[root] = len(ids)
+        out.append(ids[root])
+    return out
+
+
+def _hash_item(item) -> tuple[int, np.ndarray | None]:
+    if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+        return int(item), None
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (int, np.integer)):
+        sig = None if item[1] is None else np.asarray(item[1], dtype=np.float32).ravel()
+        return int(item[0]), sig
+    if isinstance(item, (str, os.PathLike)):
+        from covidlib import io as cio  # local: io is optional at import time
+
+        item = cio.read_image(Path(item))
+    a = np.asarray(item)
+    return perceptual_hash(a), structure_signature(a)
+
+
+def near_duplicate_groups(
+    images_or_paths: Sequence,
+    threshold: int = DEFAULT_NEAR_DUP_THRESHOLD,
+    *,
+    min_correlation: float | None = DEFAULT_MIN_CORRELATION,
+) -> list[int]:
+    """Group near-identical images.
+
+    Two items are linked when their perceptual hashes are within Hamming distance ``threshold``
+    and -- if every item has pixels (arrays or paths) and ``min_correlation`` is not None -- their
+    structure signatures correlate >= ``min_correlation``. Links are closed transitively
+    (union-find): a chain a~b~c is one group even when a and c are further apart. See the module
+    docstring for why 6 bits and 0.95 (in short: copies <= 2 bits / >= 0.988; distinct CT slices
+    can be 0 bits apart, hence the confirmation).
+
+    Args:
+        images_or_paths: 2-D arrays, image paths (read with ``covidlib.io.read_image``),
+            precomputed ``perceptual_hash`` ints, or ``(hash, structure_signature(img))`` tuples
+            (computed once while reading), in any mix. A bare int disables the confirmation.
+        threshold: maximum Hamming distance (0..64 bits).
+        min_correlation: structure-correlation needed to confirm a pair; None = hash only.
+
+    Returns:
+        One group id per item (ints 0, 1, 2... numbered by first appearance). Items in the same
+        group are near-duplicates; a unique item has a group of its own.
+
+    Raises:
+        ValueError: bad threshold or a non-2-D image.
+        covidlib.io.ImageReadError: a path cannot be read.
+    """
+    if not 0 <= int(threshold) <= 64:
+        raise ValueError(f"threshold must be between 0 and 64 bits, got {threshold}")
+    items = [_hash_item(x) for x in images_or_paths]
+    hashes = [h for h, _ in items]
+    sigs = None
+    if min_correlation is not None and items and all(s is not None for _, s in items):
+        sigs = np.stack([s for _, s in items])
+    i, j, _ = _near_duplicate_pairs(hashes, int(threshold), sigs, min_correlation)
+    return _union_find_groups(len(hashes), i, j)
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest audit
+# --------------------------------------------------------------------------------------------
+
+# A property "alone" separates a class when a depth-2 decision tree on that one property (or, for a
+# categorical property, the best value -> class table) reaches a 5-fold cross-validated balanced
+# accuracy >= 0.9 -- far above chance (1/K) -- for that class against the rest (or for all classes
+# at once). Classes with fewer than MIN_CLASS_SUPPORT images are never flagged: too few to tell.
+SHORTCUT_BALANCED_ACCURACY = 0.9
+MIN_CLASS_SUPPORT = 10
+# A "pure subgroup" (e.g. every `nor_*` file is non-COVID): one value of a categorical or
+# few-valued property that holds >= 20 images, >= 95 % of them one class, >= 10 % of that class,
+# and is that pure with probability < 1e-6 if classes were spread at random over the values.
+SUBGROUP_MIN_SIZE = 20
+SUBGROUP_MIN_PURITY = 0.95
+SUBGROUP_MIN_COVERAGE = 0.10
+SUBGROUP_MAX_P = 1e-6
+# Numeric properties with at most this many distinct values are also checked for pure subgroups.
+_FEW_VALUES = 12
+# "Pure black" = at most 1 % of the dtype's range (JPEG ringing turns exact 0 into 1 or 2).
+_BLACK_LEVEL = 0.01
+# Border ring used for the border intensity: 5 % of the shorter side.
+_BORDER_FRACTION = 0.05
+
+_NUMERIC_PROPS = (
+    "width", "height", "channels", "bit_depth", "file_size",
+    "mean", "std", "black_fraction", "border_mean",
+)
+_CATEGORICAL_PROPS = ("extension", "source", "name_pattern")
+_INTENSITY_PROPS = {"mean", "std", "black_fraction", "border_mean"}
+
+
+def _extension(path: str) -> str:
+    name = path.lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return os.path.splitext(name)[1] or "<none>"
+
+
+def _decode(data: bytes, path: str) -> tuple[np.ndarray, int | None]:
+    """Decode bytes to a 2-D gray array plus the stored channel count (None if unknown)."""
+    ext = _extension(path)
+    arr = None
+    if ext not in config.MEDICAL_EXTENSIONS:
+        import cv2
+
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is not None:
+        channels = 1 if arr.ndim == 2 else int(arr.shape[2])
+        if arr.ndim == 3:
+            import cv2
+
+            if channels == 3:
+                arr = cv2.cvtColor(arr, cv2.COLOR_BGR2GRAY)
+            elif channels == 4:
+                arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2GRAY)
+            else:
+                arr = arr[:, :, 0]
+        return arr, channels
+    # DICOM / NIfTI / anything OpenCV cannot decode: the project's reader knows more formats and
+    # gives a proper reason when it fails.
+    try:
+        from covidlib import io as cio
+    except ImportError as exc:  # pragma: no cover - io is part of the package
+        raise ValueError(f"cannot decode {ext} file (covidlib.io unavailable: {exc})") from None
+    return np.asarray(cio.read_image(Path(path))), None
+
+
+def _scan_one(path: str) -> dict[str, Any]:
+    """Read one file once: content hash, size, decoded properties, perceptual hash, statistics."""
+    rec: dict[str, Any] = {"ok": False, "reason": None, "sha1": None, "file_size": None}
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        rec["reason"] = "file not found"
+        return rec
+    except OSError as exc:
+        rec["reason"] = f"cannot read file: {exc.strerror or exc}"
+        return rec
+    rec["sha1"] = hashlib.sha1(data).hexdigest()
+    rec["file_size"] = len(data)
+    try:
+        img, channels = _decode(data, path)
+        if img.ndim != 2 or img.size == 0:
+            raise ValueError(f"decoded to shape {img.shape}, not a 2-D image")
+    except Exception as exc:  # any decoder failure is reported, never raised
+        reason = str(exc) or type(exc).__name__
+        rec["reason"] = f"cannot decode image: {reason}"
+        return rec
+    import cv2
+
+    h, w = img.shape
+    if img.dtype == np.uint8:
+        scale, full = 1.0, 255.0
+    elif img.dtype == np.uint16:
+        scale, full = 255.0 / 65535.0, 65535.0
+    else:
+        img = img.astype(np.float32, copy=False)
+        lo, hi = float(np.nanmin(img)), float(np.nanmax(img))
+        # Floats: scale their own range onto 0..255 so statistics are comparable.
+        scale = 255.0 / (hi - lo) if hi > lo else 1.0
+        img = img - lo
+        full = hi - lo if hi > lo else 1.0
+    mean, std = cv2.meanStdDev(img)
+    b = max(1, int(round(_BORDER_FRACTION * min(h, w))))
+    if 2 * b >= min(h, w):
+        border_mean = float(img.mean())
+    else:
+        total = float(img.sum(dtype=np.float64))
+        inner = float(img[b:-b, b:-b].sum(dtype=np.float64))
+        border_mean = (total - inner) / (h * w - (h - 2 * b) * (w - 2 * b))
+    rec.update(
+        ok=True,
+        width=int(w),
+        height=int(h),
+        channels=channels,
+        bit_depth=int(img.dtype.itemsize * 8),
+        mean=float(mean[0, 0]) * scale,
+        std=float(std[0, 0]) * scale,
+        black_fraction=float(np.count_nonzero(img <= _BLACK_LEVEL * full)) / img.size,
+        border_mean=border_mean * scale,
+        phash=perceptual_hash(img),
+        signature=structure_signature(img),
+    )
+    return rec
+
+
+def _name_pattern(path: str, label: str) -> str:
+    """File stem with digit runs -> '#' and class words -> '{label}' ('nor_13_img_4' -> 'nor_#_img_#')."""
+    p = Path(path)
+    name = p.name.lower()
+    ext = _extension(name)
+    stem = name[: -len(ext)] if ext != "<none>" and name.endswith(ext) else name
+    # Names that merely repeat the class (covid_001.png / normal_001.png) are not a source
+    # difference: fold the label and the class folder name into one token first.
+    for token in sorted({str(label).lower(), p.parent.name.lower()}, key=len, reverse=True):
+        if len(token) >= 3:
+            stem = stem.replace(token, "{label}")
+    return re.sub(r"\d+", "#", stem)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Convert numpy / pandas / Path values so ``json.dumps`` accepts the report."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return None if math.isnan(f) or math.isinf(f) else f
+    if isinstance(obj, (str, int)) or obj is None:
+        return obj
+    if isinstance(obj, os.PathLike):
+        return str(obj)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    try:
+        import pandas as pd
+
+        if obj is pd.NA or obj is pd.NaT:
+            return None
+    except ImportError:  # pragma: no cover
+        pass
+    return str(obj)
+
+
+def _binom_cdf(k: int, n: int, q: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, q), in log space (n can be thousands)."""
+    if q <= 0.0:
+        return 1.0
+    if q >= 1.0:
+        return 1.0 if k >= n else 0.0
+    lq, l1q = math.log(q), math.log1p(-q)
+    logs = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lq + (n - i) * l1q
+        for i in range(0, k + 1)
+    ]
+    m = max(logs)
+    return min(1.0, math.exp(m) * sum(math.exp(x - m) for x in logs))
+
+
+def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    recalls = [float(np.mean(y_pred[y_true == c] == c)) for c in np.unique(y_true)]
+    return float(np.mean(recalls)) if recalls else float("nan")
+
+
+def _fit_predict(x_tr, y_tr, x_te, categorical: bool) -> np.ndarray:
+    if categorical:
+        # Value -> the class it is most typical of (class-conditional frequency, i.e. balanced
+        # priors, matching class_weight="balanced" for the numeric tree). Unseen -> majority.
+        classes, counts = np.unique(y_tr, return_counts=True)
+        per_class = {c: n for c, n in zip(classes, counts)}
+        table: dict[Any, Counter] = defaultdict(Counter)
+        for v, c in zip(x_tr, y_tr):
+            table[v][c] += 1
+        best = {
+            v: max(classes, key=lambda c, cnt=cnt: (cnt.get(c, 0) / per_class[c], per_class[c]))
+            for v, cnt in table.items()
+        }
+        majority = classes[int(np.argmax(counts))]
+        return np.array([best.get(v, majority) for v in x_te], dtype=object)
+    from sklearn.tree import DecisionTreeClassifier
+
+    tree = DecisionTreeClassifier(max_depth=2, class_weight="balanced", random_state=0)
+    tree.fit(np.asarray(x_tr, dtype=np.float64).reshape(-1, 1), y_tr)
+    return tree.predict(np.asarray(x_te, dtype=np.float64).reshape(-1, 1))
+
+
+def _cv_balanced_accuracy(x: np.ndarray, y: np.ndarray, categorical: bool) -> float:
+    from sklearn.model_selection import StratifiedKFold
+
+    _, counts = np.unique(y, return_counts=True)
+    n_splits = int(min(5, counts.min()))
+    if n_splits < 2:
+        return float("nan")
+    pred = np.empty(len(y), dtype=object)
+    skf = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=0)
+    for tr, te in skf.split(np.zeros(len(y)), y):
+        pred[te] = _fit_predict(x[tr], y[tr], x[te], categorical)
+    return _balanced_accuracy(y.astype(object), pred)
+
+
+def _describe_by_class(x: np.ndarray, y: np.ndarray, classes: list[str], categorical: bool) -> dict:
+    out: dict[str, Any] = {}
+    for c in classes:
+        v = x[y == c]
+        if len(v) == 0:
+            continue
+        if categorical:
+            top = Counter(v.tolist()).most_common(3)
+            out[c] = {"n_distinct": len(set(v.tolist())), "top": [[str(k), int(n)] for k, n in top]}
+        else:
+            v = v.astype(np.float64)
+            out[c] = {
+                "median": round(float(np.median(v)), 4),
+                "p5": round(float(np.percentile(v, 5)), 4),
+                "p95": round(float(np.percentile(v, 95)), 4),
+            }
+    return out
+
+
+def _pure_subgroups(x: np.ndarray, y: np.ndarray, classes: list[str]) -> list[dict]:
+    n = len(y)
+    class_n = {c: int(np.sum(y == c)) for c in classes}
+    found = []
+    values, inverse = np.unique(x.astype(str), return_inverse=True)
+    for k, v in enumerate(values):
+        members = y[inverse == k]
+        n_v = len(members)
+        if n_v < SUBGROUP_MIN_SIZE or n_v > 0.9 * n:
+            continue
+        cnt = Counter(members.tolist())
+        c, n_c = cnt.most_common(1)[0]
+        purity = n_c / n_v
+        coverage = n_c / class_n[c]
+        if purity < SUBGROUP_MIN_PURITY or coverage < SUBGROUP_MIN_COVERAGE:
+            continue
+        q_other = 1.0 - class_n[c] / n
+        p = _binom_cdf(n_v - n_c, n_v, q_other)
+        if p < SUBGROUP_MAX_P:
+            found.append({
+                "value": str(v), "class": c, "n": n_v, "purity": round(purity, 4),
+                "class_coverage": round(coverage, 4), "p_value": p,
+            })
+    found.sort(key=lambda d: -d["n"])
+    return found
+
+
+def _tree_bins(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Label each value with its depth-2 tree leaf as an interval ('12.5 < v <= 40'), so that a
+    range of a continuous property holding one class only can be tested like a category."""
+    from sklearn.tree import DecisionTreeClassifier
+
+    tree = DecisionTreeClassifier(max_depth=2, class_weight="balanced", random_state=0)
+    xf = np.asarray(x, dtype=np.float64).reshape(-1, 1)
+    tree.fit(xf, y)
+    t = tree.tree_
+    bounds: dict[int, tuple[float, float]] = {}
+
+    def walk(node: int, lo: float, hi: float) -> None:
+        if t.children_left[node] == -1:
+            bounds[node] = (lo, hi)
+            return
+        thr = float(t.threshold[node])
+        walk(int(t.children_left[node]), lo, min(hi, thr))
+        walk(int(t.children_right[node]), max(lo, thr), hi)
+
+    walk(0, -math.inf, math.inf)
+
+    def name(lo: float, hi: float) -> str:
+        if math.isinf(lo):
+            return f"<= {hi:.4g}"
+        if math.isinf(hi):
+            return f"> {lo:.4g}"
+        return f"{lo:.4g} < v <= {hi:.4g}"
+
+    return np.array([name(*bounds[int(leaf)]) for leaf in tree.apply(xf)], dtype=object)
+
+
+def _shortcut_property(name: str, x: np.ndarray, y: np.ndarray, categorical: bool) -> dict:
+    """How well property ``name`` alone predicts the class (see SHORTCUT_BALANCED_ACCURACY)."""
+    classes = sorted(set(y.tolist()), key=_class_key)
+    k = len(classes)
+    distinct = len(set(x.tolist()))
+    res: dict[str, Any] = {
+        "kind": "categorical" if categorical else "numeric",
+        "n": int(len(y)),
+        "n_distinct": distinct,
+        "baseline": round(1.0 / k, 4) if k else None,
+        "balanced_accuracy": None,
+        "per_class_balanced_accuracy": {},
+        "separable_classes": [],
+        "pure_subgroups": [],
+        "shortcut": False,
+        "by_class": _describe_by_class(x, y, classes, categorical),
+    }
+    if distinct <= 1:
+        res["constant"] = True
+        return res
+    bacc = _cv_balanced_accuracy(x, y, categorical)
+    res["balanced_accuracy"] = round(bacc, 4) if not math.isnan(bacc) else None
+    support = {c: int(np.sum(y == c)) for c in classes}
+    for c in classes:
+        if k == 2:
+            ovr = bacc
+        else:
+            yb = np.where(y == c, c, "__rest__").astype(object)
+            ovr = _cv_balanced_accuracy(x, yb, categorical)
+        res["per_class_balanced_accuracy"][c] = None if math.isnan(ovr) else round(ovr, 4)
+        if not math.isnan(ovr) and ovr >= SHORTCUT_BALANCED_ACCURACY and support[c] >= MIN_CLASS_SUPPORT:
+            res["separable_classes"].append(c)
+    if k > 2 and not math.isnan(bacc) and bacc >= SHORTCUT_BALANCED_ACCURACY and min(support.values()) >= MIN_CLASS_SUPPORT:
+        res["separable_classes"] = classes
+    if categorical or distinct <= _FEW_VALUES:
+        xs = x if categorical else np.array([_fmt_num(v) for v in x], dtype=object)
+        res["pure_subgroups"] = _pure_subgroups(xs, y, classes)[:10]
+    else:
+        res["pure_subgroups"] = _pure_subgroups(_tree_bins(x, y), y, classes)[:10]
+    res["shortcut"] = bool(res["separable_classes"] or res["pure_subgroups"])
+    return res
+
+
+def _fmt_num(v: Any) -> str:
+    f = float(v)
+    return str(int(f)) if f.is_integer() else f"{f:.4g}"
+
+
+def _class_key(c: str) -> tuple[int, str]:
+    order = list(config.CANONICAL_LABELS)
+    return (order.index(c) if c in order else len(order), str(c))
+
+
+def _cluster(idx: Sequence[int], paths, splits, labels, cap_paths: int) -> dict:
+    sp = sorted({splits[i] for i in idx})
+    lb = sorted({labels[i] for i in idx}, key=_class_key)
+    return {
+        "n": len(idx), "splits": sp, "labels": lb,
+        "cross_split": len(sp) > 1, "label_conflict": len(lb) > 1,
+        "paths": [paths[i] for i in list(idx)[:cap_paths]],
+    }
+
+
+def _patient_status(ids: "Any") -> dict:
+    """Are patient ids real, missing, or one placeholder per image?"""
+    import pandas as pd
+
+    if ids is None:
+        return {"status": "missing", "n_missing": None, "n_unique": 0}
+    s = ids.astype("string").str.strip()
+    missing = s.isna() | (s == "") | s.str.lower().isin(["nan", "none", "null"])
+    present = s[~missing]
+    n_unique = int(present.nunique())
+    out = {"n_missing": int(missing.sum()), "n_unique": n_unique, "n_images": int(len(s))}
+    if len(present) == 0:
+        out["status"] = "missing"
+    elif float(present.str.startswith("img:").mean()) >= 0.5:
+        out["status"] = "placeholder"
+    elif n_unique == len(present) and len(present) > 1:
+        out["status"] = "all_unique"
+    else:
+        out["status"] = "real"
+    out["images_per_patient_median"] = (
+        float(pd.Series(present).value_counts().median()) if len(present) else None
+    )
+    return out
+
+
+def audit_manifest(
+    manifest,
+    quarantine: list[dict] | None = None,
+    near_dup_threshold: int = DEFAULT_NEAR_DUP_THRESHOLD,
+    *,
+    min_correlation: float | None = DEFAULT_MIN_CORRELATION,
+    root: str | os.PathLike | None = None,
+    max_list: int = 20,
+    workers: int | None = None,
+) -> dict:
+    """Audit a manifest for leakage, duplicates, missing patient ids and shortcut features.
+
+    Reads every image once (thread pool) to get its SHA-1, perceptual hash and statistics. Never
+    writes, moves or deletes anything.
+
+    Args:
+        manifest: DataFrame with at least ``path`` and ``label``; ``split``, ``patient_id`` and
+            ``source`` are used when present (see docs/CONTRACTS.md).
+        quarantine: files the ingest step could not use (dicts with ``path``/``reason``); copied
+            into the report.
+        near_dup_threshold: Hamming distance (of 64 bits) for near-duplicates; see module docs.
+        min_correlation: structure correlation that confirms a near-duplicate (None: hash only).
+        root: folder that relative paths are relative to (default: current directory).
+        max_list: cap on every list of clusters / pairs / patients in the report (totals are
+            always given in full).
+        workers: reader threads (default: CPU count + 2, at most 8).
+
+    Returns:
+        A JSON-serialisable dict: ``counts``, ``exact_duplicates``, ``near_duplicates``,
+        ``patient_overlap``, ``patient_ids``, ``shortcuts``, ``quarantine``, ``unreadable``,
+        ``warnings`` and ``settings``.
+
+    Raises:
+        ValueError: if the manifest is empty or lacks ``path`` / ``label``.
+    """
+    import pandas as pd
+
+    t0 = time.perf_counter()
+    if not isinstance(manifest, pd.DataFrame):
+        raise ValueError(f"manifest must be a pandas DataFrame, got {type(manifest).__name__}")
+    missing_cols = [c for c in ("path", "label") if c not in manifest.columns]
+    if missing_cols:
+        raise ValueError(f"manifest lacks required column(s) {missing_cols}; it has {list(manifest.columns)}")
+    if len(manifest) == 0:
+        raise ValueError("manifest is empty: nothing to audit")
+    if not 0 <= int(near_dup_threshold) <= 64:
+        raise ValueError(f"near_dup_threshold must be 0..64 bits, got {near_dup_threshold}")
+
+    df = manifest.reset_index(drop=True)
+    base = Path(root) if root is not None else Path.cwd()
+    paths = [str(p) if os.path.isabs(str(p)) else str(base / str(p)) for p in df["path"]]
+    labels = [str(v) for v in df["label"]]
+    splits = (
+        [("unknown" if pd.isna(v) else str(v)) for v in df["split"]]
+        if "split" in df.columns else ["all"] * len(df)
+    )
+    classes = sorted(set(labels), key=_class_key)
+    split_order = [s for s in config.SPLITS if s in set(splits)] + sorted(set(splits) - set(config.SPLITS))
+    warnings: list[str] = []
+
+    # ---- one read per image ------------------------------------------------------------------
+    n_workers = workers or min(8, (os.cpu_count() or 2) + 2)
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        recs = list(pool.map(_scan_one, paths, chunksize=16))
+    ok = np.array([r["ok"] for r in recs], dtype=bool)
+    unreadable = [{"path": p, "reason": r["reason"]} for p, r in zip(paths, recs) if not r["ok"]]
+
+    # ---- counts and balance ----------------------------------------------------------------
+    by_split = {s: {c: 0 for c in classes} for s in split_order}
+    for s, c in zip(splits, labels):
+        by_split[s][c] += 1
+    by_class = {c: labels.count(c) for c in classes}
+    n = len(labels)
+    balance = {c: round(by_class[c] / n, 4) for c in classes}
+    imbalance = (max(by_class.values()) / min(by_class.values())) if classes else None
+    counts = {
+        "by_split": by_split, "by_class": by_class, "balance": balance,
+        "imbalance_ratio": round(imbalance, 3) if imbalance else None,
+    }
+    if len(classes) < 2:
+        warnings.append(f"Only one class ({classes}) in the manifest: nothing to classify.")
+    elif imbalance and imbalance >= 3:
+        warnings.append(
+            f"Classes are imbalanced (largest/smallest = {imbalance:.1f}): report balanced metrics "
+            "(per-class sensitivity, macro F1, AUC), not accuracy alone."
+        )
+    for s in split_order:
+        absent = [c for c in classes if by_split[s][c] == 0]
+        if absent and s != "all":
+            warnings.append(f"Split '{s}' has no images of class(es) {absent}.")
+
+    # ---- exact duplicates (identical bytes) -------------------------------------------------
+    by_sha: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(recs):
+        if r["sha1"]:
+            by_sha[r["sha1"]].append(i)
+    exact = [_cluster(ix, paths, splits, labels, 10) for ix in by_sha.values() if len(ix) > 1]
+    exact.sort(key=lambda d: (not d["cross_split"], not d["label_conflict"], -d["n"]))
+    exact_report = {
+        "n_clusters": len(exact),
+        "n_images": sum(d["n"] for d in exact),
+        "n_redundant_copies": sum(d["n"] - 1 for d in exact),
+        "n_cross_split_clusters": sum(d["cross_split"] for d in exact),
+        "n_label_conflict_clusters": sum(d["label_conflict"] for d in exact),
+        "clusters": exact[:max_list],
+    }
+    if exact_report["n_cross_split_clusters"]:
+        warnings.append(
+            f"LEAK: {exact_report['n_cross_split_clusters']} byte-identical image cluster(s) span "
+            "more than one split (the same file is in train and val/test)."
+        )
+    if exact_report["n_label_conflict_clusters"]:
+        warnings.append(
+            f"{exact_report['n_label_conflict_clusters']} byte-identical cluster(s) carry different labels."
+        )
+
+    # ---- near duplicates (perceptual hash) --------------------------------------------------
+    ok_idx = np.flatnonzero(ok)
+    hashes = [recs[i]["phash"] for i in ok_idx]
+    sigs = np.stack([recs[i]["signature"] for i in ok_idx]) if len(ok_idx) else None
+    pi, pj, pd_ = _near_duplicate_pairs(hashes, int(near_dup_threshold), sigs, min_correlation)
+    for r in recs:  # the signatures are the only large part of a record; free them early
+        r.pop("signature", None)
+    gi, gj = ok_idx[pi], ok_idx[pj]
+    split_arr = np.array(splits, dtype=object)
+    label_arr = np.array(labels, dtype=object)
+    cross_pairs = split_arr[gi] != split_arr[gj] if len(gi) else np.zeros(0, dtype=bool)
+    groups = _union_find_groups(len(ok_idx), pi, pj)
+    members: dict[int, list[int]] = defaultdict(list)
+    for local, g in enumerate(groups):
+        members[g].append(int(ok_idx[local]))
+    near = [_cluster(ix, paths, splits, labels, 10) for ix in members.values() if len(ix) > 1]
+    near.sort(key=lambda d: (not d["cross_split"], not d["label_conflict"], -d["n"]))
+    order = np.argsort(pd_[cross_pairs], kind="stable") if len(gi) else np.zeros(0, dtype=int)
+    xi, xj, xd = gi[cross_pairs][order], gj[cross_pairs][order], pd_[cross_pairs][order]
+    near_report = {
+        "threshold": int(near_dup_threshold),
+        "min_correlation": min_correlation,
+        "method": (
+            "64-bit dHash (9x8, 1% dead zone) within `threshold` bits"
+            + ("" if min_correlation is None else
+               f", confirmed by high-passed 32x32 thumbnail correlation >= {min_correlation}")
+            + "; clusters by union-find"
+        ),
+        "n_pairs": int(len(gi)),
+        "n_cross_split_pairs": int(cross_pairs.sum()),
+        "n_label_conflict_pairs": int((label_arr[gi] != label_arr[gj]).sum()) if len(gi) else 0,
+        "n_clusters": len(near),
+        "n_images": sum(d["n"] for d in near),
+        "n_cross_split_clusters": sum(d["cross_split"] for d in near),
+        "n_images_in_cross_split_clusters": sum(d["n"] for d in near if d["cross_split"]),
+        "n_label_conflict_clusters": sum(d["label_conflict"] for d in near),
+        "clusters": near[:max_list],
+        "cross_split_pairs": [
+            {"a": paths[a], "b": paths[b], "distance": int(d), "splits": [splits[a], splits[b]],
+             "labels": [labels[a], labels[b]]}
+            for a, b, d in list(zip(xi, xj, xd))[:max_list]
+        ],
+    }
+    if near_report["n_cross_split_pairs"]:
+        warnings.append(
+            f"LEAK: {near_report['n_cross_split_pairs']} near-duplicate pair(s) ({near_report['method']}) "
+            "lie in different splits, in {near_report['n_cross_split_clusters']} "
+            f"cluster(s) holding {near_report['n_images_in_cross_split_clusters']} images; test scores "
+            "will be optimistic. Split by patient or drop the copies."
+        )
+
+    # ---- patients ----------------------------------------------------------------------------
+    pid_col = df["patient_id"] if "patient_id" in df.columns else None
+    pstat = _patient_status(pid_col)
+    overlap_list: list[dict] = []
+    n_overlap_images = 0
+    if pid_col is not None and pstat["status"] in ("real", "all_unique"):
+        pids = pid_col.astype("string")
+        tmp = pd.DataFrame({"pid": pids, "split": splits}).dropna()
+        per = tmp.groupby("pid")["split"].agg(lambda s: dict(Counter(s)))
+        for pid, sc in per.items():
+            if len(sc) > 1:
+                overlap_list.append({"patient_id": str(pid), "splits": sc, "n": int(sum(sc.values()))})
+                n_overlap_images += int(sum(sc.values()))
+    overlap_list.sort(key=lambda d: -d["n"])
+    patient_overlap = {
+        "checked": pstat["status"] in ("real", "all_unique"),
+        "n_patients": len(overlap_list),
+        "n_images": n_overlap_images,
+        "patients": overlap_list[:max_list],
+    }
+    if overlap_list:
+        warnings.append(
+            f"LEAK: {len(overlap_list)} patient(s) ({n_overlap_images} images) appear in more than "
+            "one split. Split by patient."
+        )
+    if pstat["status"] in ("missing", "placeholder"):
+        warnings.insert(0,
+            "WARNING: NO REAL PATIENT IDS ("
+            + ("none given" if pstat["status"] == "missing" else "one placeholder 'img:*' id per image")
+            + "). Slices/images of one patient can sit in train AND test, so test metrics are likely "
+            "optimistic and patient-level results are impossible. Give a patient pattern or a label "
+            "file with patient ids if the source has them."
+        )
+    elif pstat["status"] == "all_unique":
+        warnings.append(
+            "Every image has its own patient id: fine if the source has one image per patient, "
+            "otherwise the ids are placeholders and patient leakage cannot be checked."
+        )
+    elif pstat["n_missing"]:
+        warnings.append(f"{pstat['n_missing']} image(s) have no patient id.")
+
+    # ---- shortcut features ---------------------------------------------------------------------
+    props: dict[str, dict] = {}
+    y_all = np.array(labels, dtype=object)
+    big_classes = [c for c in classes if by_class[c] >= 2]
+    if len(big_classes) >= 2:
+        columns: dict[str, list] = {p: [r.get(p) for r in recs] for p in _NUMERIC_PROPS}
+        columns["extension"] = [_extension(p) for p in paths]
+        columns["name_pattern"] = [_name_pattern(p, lb) for p, lb in zip(paths, labels)]
+        if "source" in df.columns:
+            columns["source"] = [None if pd.isna(v) else str(v) for v in df["source"]]
+        for prop, vals in columns.items():
+            categorical = prop in _CATEGORICAL_PROPS
+            keep = np.array(
+                [v is not None and not (isinstance(v, float) and math.isnan(v)) for v in vals], dtype=bool
+            ) & np.isin(y_all, big_classes)
+            if keep.sum() < 4:
+                continue
+            x = np.array([v for v, k in zip(vals, keep) if k], dtype=object)
+            if not categorical:
+                x = x.astype(np.float64)
+            props[prop] = _shortcut_property(prop, x, y_all[keep], categorical)
+        if "source" in props and not props["source"].get("constant"):
+            src_classes = defaultdict(set)
+            for s_, c in zip(columns["source"], labels):
+                if s_ is not None:
+                    src_classes[s_].add(c)
+            if all(len(v) == 1 for v in src_classes.values()):
+                props["source"]["note"] = (
+                    "every source holds exactly one class: either `source` only repeats the class "
+                    "folder, or the classes really come from different sources"
+                )
+    flagged = [p for p, r in props.items() if r["shortcut"]]
+    for p in flagged:
+        r = props[p]
+        hint = ""
+        if r["kind"] == "numeric":
+            hint = "; medians " + ", ".join(
+                f"{c} {_fmt_num(v['median'])}" for c, v in r["by_class"].items()
+            )
+        caveat = (
+            " (a global intensity statistic can carry some real disease signal, but one this "
+            "predictive usually means different scanners/processing per class)"
+            if p in _INTENSITY_PROPS else ""
+        )
+        if r["separable_classes"]:
+            warnings.append(
+                f"SHORTCUT: '{p}' alone separates class(es) {r['separable_classes']} "
+                f"(cross-validated balanced accuracy {r['balanced_accuracy']:.2f}, chance "
+                f"{r['baseline']:.2f}{hint}){caveat}. A model can learn this instead of the disease."
+            )
+        for sg in [g for g in r["pure_subgroups"] if g["class"] not in r["separable_classes"]][:3]:
+            warnings.append(
+                f"SHORTCUT (subgroup): {sg['n']} images with {p} = '{sg['value']}' are "
+                f"{sg['purity']:.0%} '{sg['class']}' ({sg['class_coverage']:.0%} of that class) and "
+                "(almost) no other class has it: "
+                + ("the class is named differently, a sign of a different source."
+                   if p == "name_pattern" else "likely a different source; a model can learn it.")
+            )
+        if r.get("note"):
+            warnings.append(f"Note on '{p}': {r['note']}.")
+    shortcuts = {
+        "criterion": (
+            f"5-fold cross-validated balanced accuracy of the property alone (depth-2 decision tree "
+            f"for numbers, value->class table for categories) >= {SHORTCUT_BALANCED_ACCURACY} for a "
+            f"class vs the rest with >= {MIN_CLASS_SUPPORT} images in the class; or a pure subgroup "
+            f"(one value, >= {SUBGROUP_MIN_SIZE} images, >= {SUBGROUP_MIN_PURITY:.0%} one class, "
+            f">= {SUBGROUP_MIN_COVERAGE:.0%} of it, p < {SUBGROUP_MAX_P:g})"
+        ),
+        "flagged": flagged,
+        "properties": props,
+    }
+
+    # ---- quarantine and unreadable -------------------------------------------------------------
+    quarantine_out = [dict(q) for q in (quarantine or [])]
+    if quarantine_out:
+        warnings.append(f"{len(quarantine_out)} file(s) were quarantined at ingest (see 'quarantine').")
+    if unreadable:
+        warnings.append(
+            f"{len(unreadable)} manifest image(s) could not be read during the audit (see 'unreadable')."
+        )
+
+    report = {
+        "n_images": n,
+        "n_readable": int(ok.sum()),
+        "classes": classes,
+        "splits": split_order,
+        "counts": counts,
+        "exact_duplicates": exact_report,
+        "near_duplicates": near_report,
+        "patient_ids": pstat,
+        "patient_overlap": patient_overlap,
+        "shortcuts": shortcuts,
+        "quarantine": quarantine_out,
+        "unreadable": unreadable[:max(max_list, 100)],
+        "n_unreadable": len(unreadable),
+        "warnings": warnings,
+        "settings": {
+            "near_dup_threshold": int(near_dup_threshold), "min_correlation": min_correlation,
+            "max_list": max_list, "workers": n_workers,
+        },
+        "elapsed_s": round(time.perf_counter() - t0, 2),
+    }
+    return _jsonable(report)
+
+
+def write_audit(report: dict, path: str | os.PathLike) -> Path:
+    """Write ``report`` as indented JSON, atomically (temp file in the same folder + rename).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_jsonable(report), indent=2, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def format_audit(report: dict) -> str:
+    """A readable Markdown summary of an :func:`audit_manifest` report (for notebooks / logs)."""
+    lines: list[str] = ["## Data audit", ""]
+    classes = report.get("classes", [])
+    counts = report.get("counts", {})
+    lines.append(
+        f"{report.get('n_images', 0)} images ({report.get('n_readable', 0)} readable), classes "
+        + ", ".join(config.display_name(c) for c in classes)
+        + f"; audit took {report.get('elapsed_s', 0)} s."
+    )
+    lines += ["", "### Counts", "", "| split | " + " | ".join(classes) + " | total |",
+              "|---" * (len(classes) + 2) + "|"]
+    for s, row in counts.get("by_split", {}).items():
+        lines.append(f"| {s} | " + " | ".join(str(row.get(c, 0)) for c in classes) + f" | {sum(row.values())} |")
+    bc = counts.get("by_class", {})
+    lines.append("| **all** | " + " | ".join(str(bc.get(c, 0)) for c in classes) + f" | {sum(bc.values())} |")
+    lines.append("")
+    lines.append(
+        "Balance: " + ", ".join(f"{c} {v:.1%}" for c, v in counts.get("balance", {}).items())
+        + f"; imbalance ratio {counts.get('imbalance_ratio')}."
+    )
+
+    ex, nd = report.get("exact_duplicates", {}), report.get("near_duplicates", {})
+    lines += [
+        "", "### Duplicates", "",
+        f"- Exact (identical bytes): {ex.get('n_clusters', 0)} cluster(s), {ex.get('n_images', 0)} images, "
+        f"{ex.get('n_cross_split_clusters', 0)} across splits, {ex.get('n_label_conflict_clusters', 0)} with conflicting labels.",
+        f"- Near ({nd.get('method')}): {nd.get('n_pairs', 0)} pair(s) in "
+        f"{nd.get('n_clusters', 0)} cluster(s); {nd.get('n_cross_split_pairs', 0)} pair(s) across splits "
+        f"({nd.get('n_images_in_cross_split_clusters', 0)} images in cross-split clusters); "
+        f"{nd.get('n_label_conflict_pairs', 0)} pair(s) with different labels.",
+    ]
+    for p in nd.get("cross_split_pairs", [])[:5]:
+        lines.append(f"  - `{Path(p['a']).name}` ({p['splits'][0]}) ~ `{Path(p['b']).name}` ({p['splits'][1]}), distance {p['distance']}")
+
+    ps, po = report.get("patient_ids", {}), report.get("patient_overlap", {})
+    lines += ["", "### Patients", "",
+              f"- Patient ids: **{ps.get('status')}** ({ps.get('n_unique')} unique, {ps.get('n_missing')} missing)."]
+    if po.get("checked"):
+        lines.append(f"- Patients in more than one split: {po.get('n_patients', 0)} ({po.get('n_images', 0)} images).")
+    else:
+        lines.append("- Patient overlap across splits: **cannot be checked** (no real ids).")
+
+    sc = report.get("shortcuts", {})
+    props = sc.get("properties", {})
+    if props:
+        lines += ["", "### Shortcut check (each property alone)", "",
+                  "| property | balanced acc. | chance | separable classes | pure subgroups | flag |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in props.items():
+            b = r.get("balanced_accuracy")
+            sg = "; ".join(f"{g['value']}->{g['class']} ({g['n']})" for g in r.get("pure_subgroups", [])[:2])
+            lines.append(
+                f"| {name} | {'-' if b is None else f'{b:.2f}'} | {r.get('baseline')} | "
+                f"{', '.join(r.get('separable_classes', [])) or '-'} | {sg or '-'} | "
+                f"{'**SHORTCUT**' if r.get('shortcut') else ''} |"
+            )
+        lines += ["", f"Criterion: {sc.get('criterion')}."]
+
+    if report.get("quarantine") or report.get("n_unreadable"):
+        lines += ["", "### Quarantine / unreadable", ""]
+        for q in (report.get("quarantine") or [])[:10]:
+            lines.append(f"- `{q.get('path')}`: {q.get('reason')}")
+        for q in (report.get("unreadable") or [])[:10]:
+            lines.append(f"- `{q.get('path')}`: {q.get('reason')}")
+
+    w = report.get("warnings", [])
+    lines += ["", "### Warnings", ""]
+    lines += [f"- {x}" for x in w] if w else ["- none"]
+    return "\n".join(lines) + "\n"
