@@ -64,3 +64,16 @@ def ordered_classes(labels: Iterable[str]) -> list[str]:
 def display_name(label: str) -> str:
     """Human-readable name of a canonical label (``covid`` -> ``COVID-19``)."""
     return DISPLAY_NAMES.get(label, label)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python and NumPy (and Keras when it is already imported) for a reproducible notebook."""
+    import random
+    import sys
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    if "keras" in sys.modules:
+        sys.modules["keras"].utils.set_random_seed(seed)

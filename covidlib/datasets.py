@@ -1449,3 +1449,36 @@ def ingest(
     used = {k: v for k, v in alias_table.items()}
     return IngestResult(manifest=df, quarantine=quarantine, warnings=warn, alias_table=used,
                         layout=lay, notes=notes)
+
+
+def save_run_manifest(run_dir: str | os.PathLike, results: Mapping[str, IngestResult],
+                      sources: Mapping[str, Any]) -> pd.DataFrame:
+    """Write the run's ``manifest.csv`` (all modalities), ``quarantine.csv`` and ``dataset.json``.
+
+    Args:
+        run_dir: the run folder.
+        results: ``{modality: IngestResult}`` for the data sets ingested in this run.
+        sources: what the user asked for, e.g. ``{"ct": DATASET, "xray": XRAY_DATASET}``.
+
+    Returns:
+        The combined manifest.
+    """
+    import json
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not results:
+        raise ValueError("no data set was ingested")
+    manifest = pd.concat([r.manifest for r in results.values()], ignore_index=True)
+    write_manifest(manifest, run_dir / "manifest.csv")
+    quarantine = pd.DataFrame([q for r in results.values() for q in r.quarantine],
+                              columns=["path", "reason"])
+    tmp = run_dir / ".quarantine.csv.tmp"
+    quarantine.to_csv(tmp, index=False)
+    os.replace(tmp, run_dir / "quarantine.csv")
+    meta = {k: (str(v) if v is not None else None) for k, v in sources.items()}
+    meta["layouts"] = {m: r.layout for m, r in results.items()}
+    tmp = run_dir / ".dataset.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, run_dir / "dataset.json")
+    return manifest

@@ -41,7 +41,19 @@ def notebook_parameters(path: str | os.PathLike) -> dict[str, Any]:
     """Default values of a notebook's ``parameters`` cell."""
     import papermill as pm
 
+    import nbformat
+
     params = pm.inspect_notebook(str(path))
+    # papermill skips lines it cannot parse (e.g. a comment holding quotes) without failing;
+    # a parameter silently missing here would silently drop a user's setting, so refuse.
+    nb = nbformat.read(str(path), as_version=4)
+    cell = next((c for c in nb.cells if "parameters" in c.metadata.get("tags", [])), None)
+    if cell is None:
+        raise ValueError(f"{path} has no cell tagged 'parameters'")
+    assigned = {line.split("=", 1)[0].strip() for line in cell.source.splitlines()
+                if "=" in line and not line.lstrip().startswith("#")}
+    if assigned - set(params):
+        raise ValueError(f"{path}: papermill could not parse parameter(s) {sorted(assigned - set(params))}")
     return {name: ast.literal_eval(p["default"]) for name, p in params.items()}
 
 

@@ -256,9 +256,11 @@ def _callbacks(model_dir: Path, cfg: TrainConfig, phase: str, extra: list | None
     ]
     if cfg.tensorboard:
         try:
-            import tensorflow  # noqa: F401 - the TensorBoard callback writes with tf.summary
+            import tensorboard  # noqa: F401 - the callback writes with tf.summary, which needs it
+            import tensorflow  # noqa: F401
         except ImportError:
-            warnings.warn("TensorBoard logs need TensorFlow installed; skipping them", stacklevel=2)
+            warnings.warn("TensorBoard logs need tensorflow + tensorboard installed; skipping them",
+                          stacklevel=2)
         else:
             cbs.append(keras.callbacks.TensorBoard(str(model_dir / "logs"), write_graph=False))
     return cbs + list(extra or [])

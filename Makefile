@@ -1,0 +1,35 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install notebooks clean-demo bench
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Re-install only when the dependency list changes.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (covidlib)" >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The whole notebook pipeline on the embedded synthetic data -> reports/runs/demo/
+demo: $(STAMP)
+	$(PY) -m covidlib run --quiet -p RUN_DIR reports/runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+notebooks: $(STAMP)
+	$(PY) tools/build_notebooks.py
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_enhance.py
+
+clean-demo:
+	rm -rf reports/runs/demo

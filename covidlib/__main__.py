@@ -1,0 +1,3 @@
+from covidlib.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,270 @@
+"""Regenerate notebooks/*.ipynb from this file (the notebooks hold narrative, parameters and calls).
+
+Run: python tools/build_notebooks.py. Outputs are never stored (nbstripout-clean).
+"""
+from pathlib import Path
+
+import nbformat as nbf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SETUP = '''# Setup: install covidlib only when it is missing (Colab / Kaggle: clone the repository first).
+import importlib.util
+if importlib.util.find_spec("covidlib") is None:
+    %pip install -q -e ..
+'''
+
+DISCLAIMER = ("> **Research use only.** covidlib is not a medical device and must never be used "
+              "for clinical decisions.")
+
+
+def md(text):
+    return nbf.v4.new_markdown_cell(text.strip())
+
+
+def code(text, tags=None):
+    cell = nbf.v4.new_code_cell(text.strip())
+    if tags:
+        cell.metadata["tags"] = tags
+    return cell
+
+
+def params(text):
+    return code(text, tags=["parameters"])
+
+
+def notebook(cells):
+    nb = nbf.v4.new_notebook()
+    nb.cells = cells
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    return nb
+
+
+NB01 = notebook([
+    md(f"""
+# 01 · Data: download / ingest, manifest, leakage audit
+
+{DISCLAIMER}
+
+Turns a data set (the embedded synthetic phantoms by default, a registry name, or a local folder /
+CSV / label file) into one **manifest** (`path, label, patient_id, split, source, modality`) with a
+split that keeps every patient in one split, then audits it for leakage and shortcuts.
+Writes `RUN_DIR/manifest.csv`, `RUN_DIR/data_audit.json`, `RUN_DIR/quarantine.csv`.
+"""),
+    code(SETUP),
+    params('''
+DATASET = "synthetic"        # CT images: synthetic, a registry name, or a folder / CSV / label file
+XRAY_DATASET = "synthetic"   # phase-1 X-rays: same choices, or None to skip phase 1
+RUN_DIR = None               # None -> reports/runs/demo
+SEED = 0
+PATIENT_PATTERN = None       # regex giving patient_id from a file name; COVIDx: ^([A-Za-z]+_[0-9]+)_
+SYNTHETIC_PATIENTS = 40      # patients per class when a data set is "synthetic"
+VAL_FRACTION = 0.15
+TEST_FRACTION = 0.15
+'''),
+    code('''
+import covidlib
+from covidlib import audit, config, datasets, pipeline, plots
+
+config.seed_everything(SEED)
+run_dir = pipeline.resolve_run_dir(RUN_DIR)
+print("covidlib", covidlib.__version__, "| run folder:", run_dir)
+'''),
+    md("## CT images → manifest\nThe alias table shows how each folder / class name became a canonical label."),
+    code('''
+ct = datasets.ingest(DATASET, modality="ct", seed=SEED, patient_pattern=PATIENT_PATTERN,
+                     val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION, work_dir=run_dir,
+                     synthetic_patients=SYNTHETIC_PATIENTS)
+print(ct.report())
+'''),
+    md("## Phase-1 X-rays (optional)"),
+    code('''
+xray = None
+if XRAY_DATASET:
+    xray = datasets.ingest(XRAY_DATASET, modality="xray", seed=SEED, patient_pattern=PATIENT_PATTERN,
+                           val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION, work_dir=run_dir,
+                           synthetic_patients=SYNTHETIC_PATIENTS)
+    print(xray.report())
+'''),
+    code('''
+results = {"ct": ct} if xray is None else {"ct": ct, "xray": xray}
+manifest = datasets.save_run_manifest(run_dir, results, {"ct": DATASET, "xray": XRAY_DATASET})
+datasets.summarize(manifest)
+'''),
+    md("## Leakage and shortcut audit\nDuplicates and near-duplicates across splits, patient overlap, "
+       "and image properties that separate the classes on their own (a model could learn those "
+       "instead of the disease)."),
+    code('''
+quarantine = [q for r in results.values() for q in r.quarantine]
+report = audit.audit_manifest(manifest, quarantine=quarantine)
+audit.write_audit(report, run_dir / "data_audit.json")
+print(audit.format_audit(report))
+'''),
+    md("## Counts and sample images"),
+    code('plots.plot_class_counts(manifest, run_dir / "figures" / "class_counts.png")'),
+    code('plots.plot_samples(manifest[manifest.modality == "ct"], n_per_class=4, path=run_dir / "figures" / "samples_ct.png", seed=SEED)'),
+    code('''
+if xray is not None:
+    display(plots.plot_samples(manifest[manifest.modality == "xray"], n_per_class=4,
+                               path=run_dir / "figures" / "samples_xray.png", seed=SEED))
+'''),
+])
+
+NB02 = notebook([
+    md(f"""
+# 02 · Stage 1 enhancement: crop → white balance → CLAHE (→ DCT denoising), and its ablation
+
+{DISCLAIMER}
+
+AICOV-CT claims enhancement matters. Here each step is shown on a real-looking slice (with its
+histogram), then the same quick model, seed and budget is trained on every pipeline and the test
+metrics are compared with 95% confidence intervals. Overlapping intervals mean **no demonstrated
+difference**. Writes `RUN_DIR/enhancement_ablation.csv` and `figures/enhancement_*.png`.
+"""),
+    code(SETUP),
+    params('''
+RUN_DIR = None               # None -> reports/runs/demo
+SEED = 0
+IMG_SIZE = 64
+EPOCHS = 6                   # training budget of each ablation run
+BATCH_SIZE = 32
+RUN_ABLATION = True          # False: only show the enhancement steps
+ABLATION_BACKBONE = "SmallCNN"
+ABLATION_PIPELINES = ["none", "crop+wb+clahe"]   # any of: none, crop, crop+wb, crop+clahe, crop+wb+clahe, crop+dct+wb+clahe
+N_BOOT = 1000
+'''),
+    code('''
+from covidlib import ablation, config, datasets, io, pipeline, plots
+
+config.seed_everything(SEED)
+run_dir = pipeline.resolve_run_dir(RUN_DIR)
+manifest = datasets.read_manifest(run_dir / "manifest.csv")
+'''),
+    md("## Every step on one CT slice"),
+    code('''
+sample = manifest[(manifest.modality == "ct") & (manifest.split == "train")].sample(1, random_state=SEED).iloc[0]
+print(sample.path, "|", sample.label)
+steps = ablation.preview_steps(io.read_image(sample.path), "crop+dct+wb+clahe", modality="ct")
+plots.plot_enhancement_steps(steps, run_dir / "figures" / "enhancement_steps_ct.png")
+'''),
+    md("## Ablation: the same model on each pipeline"),
+    code('''
+if RUN_ABLATION:
+    table = ablation.run_ablation(run_dir, ABLATION_PIPELINES, backbone=ABLATION_BACKBONE, img_size=IMG_SIZE,
+                                  epochs=EPOCHS, batch_size=BATCH_SIZE, seed=SEED, n_boot=N_BOOT)
+    display(table)
+    display(plots.plot_ablation(table, run_dir / "figures" / "enhancement_ablation.png", metric="accuracy"))
+'''),
+])
+
+NB03 = notebook([
+    md(f"""
+# 03 · Stage 1 training: one backbone
+
+{DISCLAIMER}
+
+Trains a Keras 3 `keras.applications` backbone (DenseNet121, ResNet50V2, MobileNetV2 as in
+AICOV-CT; DenseNet201 / ResNet152 as in the seeds' code) with a classification head on the
+enhanced images of one modality. Preprocessing is inside the model (raw 0-255 input).
+Saves `RUN_DIR/models/<NAME>/`: `model.keras`, `labels.json`, `config.json`, `history.csv`,
+`predictions_val.csv`, `predictions_test.csv`. Re-running an identical configuration reuses the
+finished run; a killed run resumes.
+"""),
+    code(SETUP),
+    params('''
+RUN_DIR = None               # None -> reports/runs/demo
+BACKBONE = "DenseNet121"     # DenseNet121 | ResNet50V2 | MobileNetV2 | DenseNet201 | ResNet152 | SmallCNN
+MODALITY = "ct"              # ct | xray
+ENHANCEMENT = "crop+wb+clahe"
+IMG_SIZE = 64
+EPOCHS = 8
+FINE_TUNE_EPOCHS = 0         # with pretrained WEIGHTS: epochs after unfreezing the backbone
+BATCH_SIZE = 32
+WEIGHTS = None               # imagenet for real runs (downloaded once), None (from scratch), or a weights-file path
+HEAD = "gap"                 # gap | gap_dense256
+LEARNING_RATE = 0.001
+IMBALANCE = "class_weight"   # class_weight | balanced_sampling | none
+SEED = 0
+'''),
+    code('''
+from covidlib import config, pipeline, plots, train
+
+config.seed_everything(SEED)
+run_dir = pipeline.resolve_run_dir(RUN_DIR)
+print(train.describe_device())
+'''),
+    code('''
+result = train.train_backbone(
+    run_dir, backbone=BACKBONE, modality=MODALITY, enhancement=ENHANCEMENT, img_size=IMG_SIZE,
+    epochs=EPOCHS, fine_tune_epochs=FINE_TUNE_EPOCHS, batch_size=BATCH_SIZE, weights=WEIGHTS,
+    head=HEAD, learning_rate=LEARNING_RATE, imbalance=IMBALANCE, seed=SEED, verbose=2)
+print("saved to", result.model_dir, "| classes:", result.classes,
+      "| reused finished run" if result.skipped else "")
+'''),
+    md("## Learning curves"),
+    code('plots.plot_training_curves(result.history, run_dir / "figures" / f"curves_{result.model_dir.name}.png", title=result.model_dir.name)'),
+])
+
+NB04 = notebook([
+    md(f"""
+# 04 · Stage 2 and phase 2: evaluation, voting, the two-phase X-ray → CT cascade
+
+{DISCLAIMER}
+
+Evaluates each CT backbone on the test split (AUC from probabilities, 95% bootstrap CIs over
+patients, calibration, patient-level metrics), combines them by vote (**hard** majority: ties go
+to the tied class with the highest mean probability; **soft**: mean probability; **weighted**:
+weights fitted on validation), and runs the two-phase routing: X-ray positive → CT; X-ray
+negative → CT only if clinically flagged or the X-ray probability is in the uncertainty band.
+Without a cohort file pairing each patient's X-ray and CT, the cohort is a clearly labelled
+**simulation** pairing patients of the same status. Writes `RUN_DIR/evaluation.json`,
+`RUN_DIR/results.md` and `RUN_DIR/figures/`.
+"""),
+    code(SETUP),
+    params('''
+RUN_DIR = None               # None -> reports/runs/demo
+BACKBONES = ["DenseNet121", "ResNet50V2", "MobileNetV2"]
+XRAY_BACKBONE = "DenseNet121"   # phase-1 model, trained by notebook 03 with MODALITY xray
+VOTE = "hard"                # hard | soft | weighted
+COHORT = None                # CSV pairing X-ray and CT by patient_id (+ clinical_flag); None -> simulated pairing
+PHASE1_THRESHOLD = 0.5
+UNCERTAINTY_BAND = 0.15
+CLINICAL_FLAG_RATE = 0.1     # simulated cohort only
+N_BOOT = 1000
+GRADCAM_IMAGES = 4
+SEED = 0
+'''),
+    code('''
+import json
+from IPython.display import Image, Markdown
+from covidlib import config, pipeline, report
+
+config.seed_everything(SEED)
+run_dir = pipeline.resolve_run_dir(RUN_DIR)
+'''),
+    code('''
+result = report.evaluate_run(
+    run_dir, BACKBONES, xray_backbone=XRAY_BACKBONE, vote=VOTE, cohort=COHORT,
+    phase1_threshold=PHASE1_THRESHOLD, uncertainty_band=UNCERTAINTY_BAND,
+    clinical_flag_rate=CLINICAL_FLAG_RATE, n_boot=N_BOOT, seed=SEED, gradcam_images=GRADCAM_IMAGES)
+Markdown((run_dir / "results.md").read_text().split("## Figures")[0])
+'''),
+    md("## Figures\nConfusion matrices (counts and row-normalised), ROC curves, reliability diagram, the "
+       "5×5 test grid (`N=index | P=predicted | GT=truth`, green right, red wrong), Grad-CAM, and "
+       "the phase-1 threshold sweep."),
+    code('''
+for name, path in result.figures.items():
+    print(name)
+    display(Image(filename=str(path)))
+'''),
+])
+
+if __name__ == "__main__":
+    out = ROOT / "notebooks"
+    out.mkdir(exist_ok=True)
+    for name, nb in [("01_download_data", NB01), ("02_enhancement_ablation", NB02),
+                     ("03_train_backbone", NB03), ("04_two_phase_evaluation_voting", NB04)]:
+        nbf.validate(nb)
+        nbf.write(nb, out / f"{name}.ipynb")
+        print("wrote", out / f"{name}.ipynb")
