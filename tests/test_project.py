@@ -1,0 +1,59 @@
+"""The project's own promises: setup files agree, CI runs the README's test command."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!\[ ;]", req.strip(), maxsplit=1)[0].lower()
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {_name(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    listed = {_name(r) for r in pip if not r.startswith("-e")}
+    assert listed == wanted
+    assert any(r.startswith("-e") and ".[dev]" in r for r in pip), "editable install of the package"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    assert "make demo" in readme and "make test" in readme
+    assert "research use only" in readme.lower()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^make test$", ci, re.M)
+
+
+def test_cli_help_is_fast_and_complete():
+    out = subprocess.run([sys.executable, "-m", "covidlib", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0
+    for cmd in ("run", "download", "audit", "enhance", "train", "evaluate"):
+        assert cmd in out.stdout
+        sub = subprocess.run([sys.executable, "-m", "covidlib", cmd, "--help"],
+                             capture_output=True, text=True, timeout=60)
+        assert sub.returncode == 0 and "usage" in sub.stdout
+
+
+def test_light_modules_do_not_import_keras():
+    code = ("import sys; import covidlib.cli, covidlib.config, covidlib.io, covidlib.datasets, "
+            "covidlib.audit, covidlib.enhance, covidlib.synthetic, covidlib.evaluate; "
+            "sys.exit(1 if {'keras', 'tensorflow'} & set(sys.modules) else 0)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_cli_bad_input_is_one_clear_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "covidlib", "enhance", str(tmp_path / "nope"),
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and "error" in out.stderr
