@@ -367,6 +367,8 @@ def load_model(path: str | os.PathLike, *, safe_mode: bool = True) -> keras.Mode
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"model file {p} does not exist")
+    import covidlib.ensemble  # noqa: F401 - registers VoteLayer, which ensemble files contain
+
     try:
         return keras.saving.load_model(p, safe_mode=safe_mode, compile=False)
     except ValueError as exc:

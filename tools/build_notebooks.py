@@ -131,7 +131,7 @@ EPOCHS = 6                   # training budget of each ablation run
 BATCH_SIZE = 32
 RUN_ABLATION = True          # False: only show the enhancement steps
 ABLATION_BACKBONE = "SmallCNN"
-ABLATION_PIPELINES = ["none", "crop+wb+clahe"]   # any of: none, crop, crop+wb, crop+clahe, crop+wb+clahe, crop+dct+wb+clahe
+ABLATION_PIPELINES = ["none", "crop", "crop+wb", "crop+clahe", "crop+wb+clahe", "crop+dct+wb+clahe"]
 N_BOOT = 1000
 '''),
     code('''
