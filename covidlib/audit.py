@@ -1050,3 +1050,30 @@ def format_audit(report: dict) -> str:
     lines += ["", "### Warnings", ""]
     lines += [f"- {x}" for x in w] if w else ["- none"]
     return "\n".join(lines) + "\n"
+
+
+def audit_by_modality(manifest, quarantine: list[dict] | None = None, **kwargs: Any) -> dict:
+    """Audit each modality of a run's manifest on its own.
+
+    CT and X-ray images always differ in size, format and intensity; auditing them together would
+    flag the modality itself as a class "shortcut". Quarantined files are reported with the first
+    modality (they have no label or modality of their own).
+
+    Returns:
+        ``{"modalities": {modality: audit_manifest report}}``.
+    """
+    mods = list(dict.fromkeys(manifest["modality"])) if "modality" in manifest else ["all"]
+    out: dict[str, Any] = {}
+    for i, m in enumerate(mods):
+        rows = manifest if m == "all" else manifest[manifest["modality"] == m]
+        out[m] = audit_manifest(rows.reset_index(drop=True), quarantine=quarantine if i == 0 else None,
+                                **kwargs)
+    return {"modalities": out}
+
+
+def format_audit_by_modality(report: dict) -> str:
+    """Markdown of :func:`audit_by_modality`: one :func:`format_audit` section per modality."""
+    parts = []
+    for m, rep in report["modalities"].items():
+        parts.append(f"# Modality: {m}\n\n" + format_audit(rep))
+    return "\n\n".join(parts)

@@ -94,7 +94,8 @@ def test_pipeline_writes_manifest_audit_and_models(tiny_run):
     assert set(manifest.modality) == {"ct", "xray"}
     assert (manifest.groupby("patient_id")["split"].nunique() == 1).all()
     audit = json.loads((tiny_run / "data_audit.json").read_text())
-    assert audit["counts"]
+    assert set(audit["modalities"]) == {"ct", "xray"}
+    assert all(rep["counts"] for rep in audit["modalities"].values())
     for name in ("DenseNet121", "ResNet50V2", "MobileNetV2", "xray_SmallCNN"):
         d = tiny_run / "models" / name
         for f in ("model.keras", "labels.json", "config.json", "history.csv", "predictions_test.csv"):

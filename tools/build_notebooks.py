@@ -97,9 +97,9 @@ datasets.summarize(manifest)
        "instead of the disease)."),
     code('''
 quarantine = [q for r in results.values() for q in r.quarantine]
-report = audit.audit_manifest(manifest, quarantine=quarantine)
+report = audit.audit_by_modality(manifest, quarantine=quarantine)  # CT and X-ray audited apart
 audit.write_audit(report, run_dir / "data_audit.json")
-print(audit.format_audit(report))
+print(audit.format_audit_by_modality(report))
 '''),
     md("## Counts and sample images"),
     code('plots.plot_class_counts(manifest, run_dir / "figures" / "class_counts.png")'),
