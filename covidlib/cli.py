@@ -1,7 +1,7 @@
 """The ``covidlib`` command (also ``python -m covidlib``).
 
 Sub-commands: ``run`` (the whole notebook pipeline through papermill), ``download``, ``audit``,
-``enhance``, ``train``, ``evaluate``. Heavy libraries are imported only by the sub-command that
+``enhance``, ``train``, ``evaluate``, ``predict``, ``export``. Heavy libraries are imported only by the sub-command that
 needs them, so ``--help`` answers at once.
 """
 from __future__ import annotations
@@ -113,6 +113,53 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from covidlib import pipeline, predict
+
+    # With --model-dir alone there is no run; with --run-dir too, the run still supplies vote weights.
+    run_dir = None if args.model_dir and not args.run_dir else pipeline.resolve_run_dir(args.run_dir)
+    df = predict.predict_paths(args.paths, run_dir, args.model_dir, vote=args.vote,
+                               gradcam_dir=args.gradcam, batch_size=args.batch_size,
+                               window=args.window, enhanced=args.already_enhanced)
+    out = predict.write_predictions(df, args.out)
+    print(predict.format_table(df))
+    print(f"{df.attrs['vote']} vote of {', '.join(df.attrs['members'])}; written: {out}")
+    n_err = int((df["error"] != "").sum())
+    if n_err:
+        print(f"{n_err} input(s) could not be read; see the error column of {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from covidlib import export, pipeline
+
+    if args.model_file:
+        src = Path(args.model_file)
+    else:
+        src = pipeline.resolve_run_dir(args.run_dir) / "models" / args.model
+        if not (src / "model.keras").is_file():
+            raise FileNotFoundError(f"{src} holds no model.keras (train it, or for the ensemble run "
+                                    "`covidlib evaluate` first)")
+    formats = args.formats
+    if formats is None:
+        formats = ["savedmodel", "tflite", "onnx"]
+        missing = export.onnx_available()
+        if missing:
+            formats.remove("onnx")
+            print(f"skipping onnx: {missing}", file=sys.stderr)
+    paths = export.export_model(src, args.out, formats=formats)
+    for fmt, path in paths.items():
+        print(f"{fmt:<10} {path}")
+    if args.no_verify:
+        return 0
+    model, _ = export.load_exportable(src)
+    images = export.sample_images(int(model.inputs[0].shape[1]), n=args.verify_n)
+    diffs = export.verify_export(model, paths, images, atol=args.atol)
+    print("max |export - keras| on", len(images), "test images: "
+          + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()) + f" (tolerance {args.atol:g})")
+    return 0
+
+
 def _weights(text: str) -> str | None:
     return None if text.lower() in ("none", "null", "") else text
 
@@ -189,6 +236,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="predict images with a run's CT models and their vote",
+                       description="Predict files or folders (PNG/JPG/BMP/TIFF, DICOM, NIfTI: one row "
+                                   "per axial slice) with every CT member of RUN_DIR and their vote. "
+                                   "Unreadable files get a row with the error column filled.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (recursive)")
+    p.add_argument("--run-dir", help="run folder (default: reports/runs/demo)")
+    p.add_argument("--model-dir", action="append",
+                   help="a model folder (RUN_DIR/models/NAME) to use instead of the run's members "
+                        "(repeatable)")
+    p.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
+    p.add_argument("--gradcam", metavar="DIR", help="write Grad-CAM overlays (per model and vote) here")
+    p.add_argument("--vote", choices=["hard", "soft", "weighted"],
+                   help="vote rule (default: the run's ensemble method, else hard)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--window", default="lung", help="CT window for DICOM/NIfTI: lung, mediastinum, bone")
+    p.add_argument("--already-enhanced", action="store_true",
+                   help="inputs already went through the run's enhancement; do not apply it again")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a trained model or the ensemble (SavedModel/TFLite/ONNX)",
+                       description="Export RUN_DIR/models/NAME (or the saved ensemble) as a TensorFlow "
+                                   "SavedModel, a float32 TFLite file and ONNX, then check each export "
+                                   "against the Keras model. Inputs: raw grayscale 0..255, (n, S, S, 1).")
+    p.add_argument("--run-dir", help="run folder (default: reports/runs/demo)")
+    p.add_argument("--model", default="ensemble", metavar="NAME|ensemble",
+                   help="model folder under RUN_DIR/models (default: ensemble)")
+    p.add_argument("--model-file", help="a .keras file or model folder instead of --run-dir/--model")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--formats", nargs="+", choices=["savedmodel", "tflite", "onnx"],
+                   help="formats to write (default: all; onnx only when tf2onnx/onnx are installed)")
+    p.add_argument("--atol", type=float, default=1e-4, help="largest accepted difference (default 1e-4)")
+    p.add_argument("--verify-n", type=int, default=4, help="test images for the check (default 4)")
+    p.add_argument("--no-verify", action="store_true", help="skip the check against the Keras model")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

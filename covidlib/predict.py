@@ -1,0 +1,536 @@
+"""Predict with a trained run: every CT member model and their vote, on files or folders.
+
+:func:`predict_paths` reads PNG / JPEG / BMP / TIFF, DICOM and NIfTI (one row per axial slice,
+key ``<file>#z0012`` as in :func:`covidlib.io.iter_images`), prepares each image the way the
+member was trained (the enhancement recorded in its ``config.json``, then
+:func:`covidlib.data.square_resize` to its ``img_size``), runs every member and combines them with
+:func:`covidlib.ensemble.combine`. One row per image::
+
+    path, prediction, vote:p_<class>..., <NAME>:p_<class>..., [gradcam_<NAME>..., gradcam_vote], error
+
+A file that cannot be read gets a row with only ``path`` and ``error`` filled: one bad file never
+stops the batch and is never dropped. Models are loaded in Keras safe mode
+(:func:`covidlib.models.load_model`): a model file holding code (a ``Lambda`` layer) is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+
+from covidlib import config
+from covidlib import io as cio
+
+__all__ = [
+    "Member",
+    "find_members",
+    "load_members",
+    "vote_settings",
+    "expand_paths",
+    "iter_inputs",
+    "predict_paths",
+    "write_predictions",
+    "format_table",
+]
+
+
+@dataclass
+class Member:
+    """One trained model of a run, ready to predict."""
+
+    name: str
+    model_dir: Path
+    model: Any
+    classes: list[str]
+    img_size: int
+    enhancement: dict | None = None  # None: images go in as read (pipeline "none")
+    config: dict = field(default_factory=dict)
+
+    @property
+    def prep_key(self) -> tuple:
+        """Members with equal keys see identical input arrays."""
+        return (json.dumps(self.enhancement, sort_keys=True), self.img_size)
+
+
+# --------------------------------------------------------------------------- members
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not readable JSON ({exc})") from None
+
+
+def find_members(run_dir: str | os.PathLike | None = None,
+                 model_dirs: Sequence[str | os.PathLike] | None = None) -> dict[str, Path]:
+    """Which model folders to run, by name.
+
+    ``model_dirs`` wins when given (each a folder with ``model.keras``, or the ``.keras`` file in
+    it). Otherwise the run's ensemble members (``RUN_DIR/models/ensemble/config.json``
+    ``"members"``), else every ``RUN_DIR/models/<NAME>`` whose ``config.json`` says
+    ``modality == "ct"``, leaving out ``ablation_*`` runs and the ensemble itself.
+
+    Raises:
+        ValueError: neither argument given, or two model folders with the same name.
+        FileNotFoundError: no models folder, a listed member missing, or no CT model found.
+    """
+    if model_dirs:
+        out: dict[str, Path] = {}
+        for d in model_dirs:
+            p = Path(d).expanduser()
+            if p.is_file() and p.suffix == ".keras":
+                p = p.parent
+            if not (p / "model.keras").is_file():
+                raise FileNotFoundError(f"{p} holds no trained model (model.keras)")
+            if p.name in out:
+                raise ValueError(f"two model folders are named {p.name!r}; names must be unique "
+                                 "(they name the output columns)")
+            out[p.name] = p
+        return out
+    if run_dir is None:
+        raise ValueError("give run_dir (a trained run folder) or model_dirs")
+    models = Path(run_dir).expanduser() / "models"
+    if not models.is_dir():
+        raise FileNotFoundError(f"{models} does not exist: train the CT models first "
+                                "(`covidlib train` or notebook 03)")
+    ens_cfg = models / "ensemble" / "config.json"
+    if ens_cfg.is_file():
+        names = _read_json(ens_cfg).get("members") or []
+        if names:
+            missing = [n for n in names if not (models / n / "model.keras").is_file()]
+            if missing:
+                raise FileNotFoundError(f"{ens_cfg} lists members {missing} that have no "
+                                        f"model.keras under {models}")
+            return {n: models / n for n in names}
+    out = {}
+    for d in sorted(p for p in models.iterdir() if p.is_dir()):
+        if d.name == "ensemble" or d.name.startswith("ablation_") or not (d / "model.keras").is_file():
+            continue
+        cfg_path = d / "config.json"
+        if cfg_path.is_file() and _read_json(cfg_path).get("modality", "ct") == "ct":
+            out[d.name] = d
+    if not out:
+        raise FileNotFoundError(f"no trained CT model under {models} (folders with model.keras and "
+                                "config.json modality 'ct')")
+    return out
+
+
+def _enhancement(cfg: dict, where: Path) -> dict | None:
+    from covidlib import enhance
+
+    enh = cfg.get("enhancement")
+    if enh in (None, "", "none"):
+        return None
+    if isinstance(enh, str):
+        enh = enhance.pipeline_config(enh, cfg.get("modality", "ct"))
+    if not isinstance(enh, dict) or "name" not in enh:
+        raise ValueError(f"{where}: unrecognised 'enhancement' entry {enh!r}")
+    if enh["name"] == "none":
+        return None
+    if enh.get("version", enhance.ENHANCE_VERSION) != enhance.ENHANCE_VERSION:
+        warnings.warn(f"{where}: trained on enhancement version {enh.get('version')}, this covidlib has "
+                      f"{enhance.ENHANCE_VERSION}; inputs may be prepared slightly differently",
+                      UserWarning, stacklevel=3)
+    return {"name": enh["name"], "modality": enh.get("modality", cfg.get("modality", "ct")),
+            "params": dict(enh.get("params") or {})}
+
+
+def load_members(members: dict[str, Path]) -> list[Member]:
+    """Load every member (Keras safe mode) and check that they agree on the class order.
+
+    Raises:
+        ValueError: a model file holds code (refused by safe mode), class orders differ, a model's
+            output width does not match its labels.json, or config.json lacks ``img_size``.
+    """
+    from covidlib import ensemble  # noqa: F401 - registers VoteLayer should a member be an ensemble
+    from covidlib.train import load_run
+
+    out: list[Member] = []
+    for name, d in members.items():
+        model, classes, cfg = load_run(d)
+        if "img_size" not in cfg:
+            raise ValueError(f"{d / 'config.json'} has no img_size")
+        k = model.outputs[0].shape[-1]
+        if k != len(classes):
+            raise ValueError(f"{name}: the model outputs {k} classes but labels.json lists {classes}")
+        out.append(Member(name, d, model, list(classes), int(cfg["img_size"]),
+                          _enhancement(cfg, d / "config.json"), cfg))
+    orders = {m.name: m.classes for m in out}
+    if len({tuple(c) for c in orders.values()}) > 1:
+        shown = "; ".join(f"{n}: {c}" for n, c in orders.items())
+        raise ValueError(f"the models disagree on the class order ({shown}); they cannot vote together")
+    return out
+
+
+def vote_settings(run_dir: str | os.PathLike | None, member_names: Sequence[str],
+                  vote: str | None = None) -> tuple[str, list[float] | None]:
+    """The vote method and weights: ``vote`` if given, else the run's ensemble config, else hard.
+
+    Weights come from ``RUN_DIR/models/ensemble/config.json`` (fitted on validation) and only when
+    its members are exactly ``member_names``.
+
+    Raises:
+        ValueError: unknown method, or a weighted vote with no fitted weights for these members.
+    """
+    from covidlib.ensemble import METHODS
+
+    cfg: dict = {}
+    if run_dir is not None:
+        path = Path(run_dir).expanduser() / "models" / "ensemble" / "config.json"
+        if path.is_file():
+            cfg = _read_json(path)
+    method = vote or cfg.get("method") or "hard"
+    if method not in METHODS:
+        raise ValueError(f"unknown vote method {method!r}; choose one of {list(METHODS)}")
+    weights = None
+    if method == "weighted":
+        weights = cfg.get("weights")
+        if not weights or list(cfg.get("members") or []) != list(member_names):
+            raise ValueError("the weighted vote needs weights fitted on validation for exactly these "
+                             f"members {list(member_names)}; the run's ensemble config has "
+                             f"{'none' if not weights else 'weights for ' + str(cfg.get('members'))} "
+                             "(run `covidlib evaluate --vote weighted`, or use --vote soft / hard)")
+        weights = [float(w) for w in weights]
+    return method, weights
+
+
+# --------------------------------------------------------------------------- inputs
+def _is_candidate(p: Path) -> bool:
+    suf = p.suffix.lower()
+    if suf in config.IMAGE_EXTENSIONS or suf == ".dcm" or cio.is_nifti_path(p):
+        return True
+    return suf == "" and cio.is_dicom_file(p)
+
+
+def _dicom_order(files: list[Path]) -> list[Path]:
+    """DICOM slices of one folder in body-axis order (unreadable headers last, by name)."""
+    headed, rest = [], []
+    for p in files:
+        try:
+            headed.append((p, cio._dcmread(p, stop_before_pixels=True)))
+        except Exception:  # noqa: BLE001 - reported when the file itself is read
+            rest.append(p)
+    headed.sort(key=lambda t: cio.dicom_sort_key(t[1], t[0].name))
+    return [p for p, _ in headed] + sorted(rest)
+
+
+def expand_paths(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
+    """Files to read, and files skipped inside folders (other types, e.g. ``.txt``).
+
+    A path named explicitly is always read (an unreadable one becomes an error row); folders are
+    walked recursively in sorted order, hidden entries skipped, DICOM slices in body-axis order.
+    """
+    files: list[Path] = []
+    skipped: list[Path] = []
+    for raw in paths:
+        root = Path(raw).expanduser()
+        if not root.is_dir():
+            files.append(root)
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            d = Path(dirpath)
+            here = [d / f for f in sorted(filenames) if not f.startswith(".")]
+            keep = [p for p in here if _is_candidate(p)]
+            skipped.extend(p for p in here if p not in keep)
+            dicoms = [p for p in keep if p.suffix.lower() in (".dcm", "")]
+            files.extend(_dicom_order(dicoms) + [p for p in keep if p not in dicoms])
+    return files, skipped
+
+
+def _read_file(p: Path, window: str) -> list[tuple[str, np.ndarray]]:
+    """``(key, 2-D image)`` for every image in one file (one per slice/frame for volumes)."""
+    if not os.path.lexists(p):
+        raise cio.ImageNotFoundError(p, "file not found")
+    if p.is_dir():
+        raise cio.ImageReadError(p, "is a folder")
+    out = []
+    for key, img in cio.iter_images(p, window=window, errors="raise"):
+        out.append((str(p) + key[len(p.name):], img))
+    if not out:
+        raise cio.ImageReadError(p, "holds no image (empty volume?)")
+    return out
+
+
+def iter_inputs(files: Iterable[Path], window: str = "lung"
+                ) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+    """``(key, image, None)`` per readable image, ``(path, None, reason)`` per unreadable file.
+
+    ``files`` as listed by :func:`expand_paths`.
+    """
+    for p in files:
+        try:
+            items = _read_file(p, window)
+        except cio.ImageReadError as exc:
+            yield str(p), None, exc.reason
+            continue
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is this file's error, not the batch's
+            yield str(p), None, f"{type(exc).__name__}: {exc}"
+            continue
+        for key, img in items:
+            yield key, img, None
+
+
+def _prepare(img: np.ndarray, member: Member, enhanced: bool) -> np.ndarray:
+    """One image as the member saw it in training: enhancement (if any), uint8, square resize."""
+    from covidlib.data import square_resize
+
+    if member.enhancement is not None and not enhanced:
+        from covidlib import enhance
+
+        e = member.enhancement
+        img = enhance.enhance(img, e["name"], modality=e["modality"], **e["params"])
+    return square_resize(cio.to_uint8(img), member.img_size)
+
+
+# --------------------------------------------------------------------------- predicting
+def _slug(key: str, limit: int = 60) -> str:
+    name = key.replace("\\", "/").rsplit("/", 1)[-1]
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "image"
+    return s[-limit:]
+
+
+def _predict(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+    out = [np.asarray(model.predict_on_batch(x[i:i + batch_size]), dtype=np.float64)
+           for i in range(0, len(x), batch_size)]
+    return np.concatenate(out)
+
+
+class _Run:
+    """State of one predict_paths call: members, vote, output rows."""
+
+    def __init__(self, members: list[Member], method: str, weights: list[float] | None,
+                 gradcam_dir: Path | None, batch_size: int, enhanced: bool):
+        self.members = members
+        self.classes = members[0].classes
+        self.method, self.weights = method, weights
+        self.gradcam_dir = gradcam_dir
+        self.batch_size = batch_size
+        self.enhanced = enhanced
+        self.rows: list[dict[str, Any]] = []
+        self.cam_failed: set[str] = set()
+
+    def error_row(self, key: str, reason: str) -> None:
+        self.rows.append({"path": key, "error": reason})
+
+    def flush(self, pending: list[tuple[str, np.ndarray]]) -> None:
+        """Predict a chunk of readable images and append their rows (in input order)."""
+        from covidlib.ensemble import combine
+        from covidlib.models import check_input_scale
+
+        by_key = {m.prep_key: m for m in self.members}
+        xs: dict[tuple, list[np.ndarray]] = {pk: [] for pk in by_key}
+        order: list[tuple[str, str | None]] = []  # (key, error or None)
+        for key, img in pending:
+            try:
+                prepared = {pk: _prepare(img, m, self.enhanced) for pk, m in by_key.items()}
+            except Exception as exc:  # noqa: BLE001 - e.g. an enhancement step refusing this image
+                order.append((key, f"could not prepare the image ({type(exc).__name__}: {exc})"))
+                continue
+            order.append((key, None))
+            for pk, arr in prepared.items():
+                xs[pk].append(arr)
+        keep = [k for k, e in order if e is None]
+        if keep:
+            inputs: dict[tuple, np.ndarray] = {}
+            for pk, arrs in xs.items():
+                x = np.stack(arrs).astype(np.float32)[..., None]
+                check_input_scale(x, where="predict batch")
+                inputs[pk] = x
+            probs = {m.name: _predict(m.model, inputs[m.prep_key], self.batch_size) for m in self.members}
+            vote = combine([probs[m.name] for m in self.members], self.method, self.weights)
+            winner = vote.argmax(axis=1)
+            row_ids = []
+            n = len(self.rows)
+            for k, e in order:
+                if e is None:
+                    row_ids.append(n)
+                n += 1
+            cams = self._gradcams(keep, row_ids, inputs, probs, winner) if self.gradcam_dir else {}
+        i = 0
+        for key, err in order:
+            if err is not None:
+                self.error_row(key, err)
+                continue
+            row: dict[str, Any] = {"path": key, "prediction": config.display_name(self.classes[winner[i]])}
+            row.update({f"vote:p_{c}": float(vote[i, j]) for j, c in enumerate(self.classes)})
+            for m in self.members:
+                row.update({f"{m.name}:p_{c}": float(probs[m.name][i, j])
+                            for j, c in enumerate(self.classes)})
+            for col, files in cams.items():
+                row[col] = files[i]
+            row["error"] = ""
+            self.rows.append(row)
+            i += 1
+
+    def _gradcams(self, keys: list[str], row_ids: list[int], inputs: dict[tuple, np.ndarray],
+                  probs: dict[str, np.ndarray], winner: np.ndarray) -> dict[str, list[str]]:
+        from covidlib import explain
+
+        # The row number makes names unique when two folders hold files of the same name.
+        stems = [f"{r:06d}_{_slug(k)}" for r, k in zip(row_ids, keys)]
+        out: dict[str, list[str]] = {}
+
+        def save(label: str, images: np.ndarray, maps: np.ndarray) -> list[str]:
+            files = []
+            for stem, img, hm in zip(stems, images, maps):
+                files.append(str(explain.save_gradcam(img[..., 0].astype(np.uint8), hm,
+                                                      self.gradcam_dir / f"{stem}__{label}.png")))
+            return files
+
+        def attempt(label: str, fn) -> None:
+            if label in self.cam_failed:
+                out[f"gradcam_{label}"] = [""] * len(keys)
+                return
+            try:
+                out[f"gradcam_{label}"] = fn()
+            except Exception as exc:  # noqa: BLE001 - a heatmap problem must not lose the predictions
+                self.cam_failed.add(label)
+                warnings.warn(f"Grad-CAM for {label} failed ({type(exc).__name__}: {exc}); its "
+                              "gradcam column stays empty", UserWarning, stacklevel=4)
+                out[f"gradcam_{label}"] = [""] * len(keys)
+
+        for m in self.members:
+            x = inputs[m.prep_key]
+            attempt(m.name, lambda m=m, x=x: save(
+                m.name, x, explain.grad_cam(m.model, x, class_index=probs[m.name].argmax(axis=1),
+                                            batch_size=self.batch_size)))
+        # The vote's map: mean of the members' maps for the voted class. Members that were
+        # prepared differently get the first member's input (resized inside grad_cam).
+        x0 = inputs[self.members[0].prep_key]
+        attempt("vote", lambda: save("vote", x0, explain.ensemble_grad_cam(
+            [m.model for m in self.members], x0, class_index=winner)))
+        return out
+
+    def frame(self) -> pd.DataFrame:
+        cols = ["path", "prediction"] + [f"vote:p_{c}" for c in self.classes]
+        for m in self.members:
+            cols += [f"{m.name}:p_{c}" for c in self.classes]
+        if self.gradcam_dir is not None:
+            cols += [f"gradcam_{m.name}" for m in self.members] + ["gradcam_vote"]
+        cols.append("error")
+        df = pd.DataFrame(self.rows, columns=cols)
+        df["error"] = df["error"].fillna("")
+        df.attrs.update({"classes": list(self.classes), "members": [m.name for m in self.members],
+                         "vote": self.method, "weights": self.weights})
+        return df
+
+
+def predict_paths(
+    paths: str | os.PathLike | Iterable[str | os.PathLike],
+    run_dir: str | os.PathLike | None = None,
+    model_dirs: Sequence[str | os.PathLike] | None = None,
+    *,
+    vote: str | None = None,
+    gradcam_dir: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    window: str = "lung",
+    enhanced: bool = False,
+) -> pd.DataFrame:
+    """Predict every image under ``paths`` with the run's CT models and their vote.
+
+    Args:
+        paths: files and/or folders (walked recursively). PNG / JPEG / BMP / TIFF, DICOM (windowed
+            with ``window``), NIfTI (one row per axial slice, key ``<file>#z0012``).
+        run_dir: a trained run folder (``RUN_DIR/models/...``); see :func:`find_members`.
+        model_dirs: explicit model folders instead of the run's members.
+        vote: ``"hard"`` / ``"soft"`` / ``"weighted"``; None takes the run's ensemble method
+            (``models/ensemble/config.json``), else ``"hard"``. See :func:`vote_settings`.
+        gradcam_dir: when given, Grad-CAM overlays are written there, one PNG per image per model
+            plus one for the vote (columns ``gradcam_<NAME>``, ``gradcam_vote``).
+        batch_size: images per forward pass (also the chunk read into memory at once).
+        window: CT window for DICOM / NIfTI (``covidlib.io.WINDOWS``).
+        enhanced: the inputs already went through the run's enhancement pipeline (e.g.
+            ``covidlib enhance``); by default each member's recorded enhancement is applied, as in
+            training.
+
+    Returns:
+        One row per image: ``path``, ``prediction`` (display name of the vote's class),
+        ``vote:p_<class>``, ``<NAME>:p_<class>`` per member, Grad-CAM file columns, ``error``
+        ("" when fine; unreadable files get a row with only ``path`` and ``error``). ``df.attrs``
+        holds ``classes``, ``members``, ``vote``, ``weights`` and ``skipped`` (files of other types
+        left out of folders).
+
+    Raises:
+        ValueError: model refused by safe mode, class orders differ, bad vote / weights.
+        FileNotFoundError: no models found.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = list(paths)
+    if not paths:
+        raise ValueError("no input paths given")
+    batch_size = max(1, int(batch_size))
+    cio._window_bounds(window)  # a bad window is a usage error, not one error row per file
+    members = load_members(find_members(run_dir, model_dirs))
+    method, weights = vote_settings(run_dir, [m.name for m in members], vote)
+    cam_dir = Path(gradcam_dir).expanduser() if gradcam_dir is not None else None
+    if cam_dir is not None:
+        cam_dir.mkdir(parents=True, exist_ok=True)
+    run = _Run(members, method, weights, cam_dir, batch_size, enhanced)
+
+    files, skipped = expand_paths(paths)
+    pending: list[tuple[str, np.ndarray]] = []
+    for key, img, err in iter_inputs(files, window):
+        if err is not None:
+            # Readable images before it keep their place in the output order.
+            run.flush(pending)
+            pending = []
+            run.error_row(key, err)
+            continue
+        pending.append((key, img))
+        if len(pending) >= batch_size:
+            run.flush(pending)
+            pending = []
+    run.flush(pending)
+    if skipped:
+        warnings.warn(f"{len(skipped)} file(s) of other types inside the folders were not read "
+                      f"(e.g. {skipped[0]}); see df.attrs['skipped']", UserWarning, stacklevel=2)
+    df = run.frame()
+    df.attrs["skipped"] = [str(p) for p in skipped]
+    return df
+
+
+# --------------------------------------------------------------------------- output
+def write_predictions(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write the predictions CSV atomically (temp file in the same folder, then ``os.replace``)."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def format_table(df: pd.DataFrame, max_rows: int = 20, width: int = 48) -> str:
+    """A short text table: path, prediction, vote confidence, error (first ``max_rows`` rows)."""
+    vote_cols = [c for c in df.columns if c.startswith("vote:p_")]
+    lines = []
+    for _, r in df.head(max_rows).iterrows():
+        p = str(r["path"])
+        p = p if len(p) <= width else "..." + p[-(width - 3):]
+        if r.get("error"):
+            lines.append(f"{p:<{width}}  ERROR: {r['error']}")
+        else:
+            conf = max(float(r[c]) for c in vote_cols) if vote_cols else float("nan")
+            lines.append(f"{p:<{width}}  {r['prediction']:<10} {conf:.3f}")
+    if len(df) > max_rows:
+        lines.append(f"... {len(df) - max_rows} more row(s)")
+    n_err = int((df["error"] != "").sum()) if "error" in df else 0
+    counts = df.loc[df["error"] == "", "prediction"].value_counts() if len(df) else pd.Series(dtype=int)
+    summary = ", ".join(f"{k}: {v}" for k, v in counts.items()) or "no prediction"
+    lines.append(f"{len(df)} row(s): {summary}; {n_err} unreadable")
+    return "\n".join(lines)
