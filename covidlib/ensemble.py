@@ -119,8 +119,12 @@ class VoteLayer(layers.Layer):
         stacked = ops.stack([ops.cast(p, "float32") for p in inputs], axis=0)  # (m, n, k)
         m = len(inputs)
         if self.method == "hard":
-            k = stacked.shape[-1]
-            votes = ops.sum(ops.one_hot(ops.argmax(stacked, axis=-1), k), axis=0)
+            # One vote per member for its first maximal class (argmax's tie rule), built from
+            # equal + cumsum: argmax on floats lowers to BitwiseAnd under TensorFlow, which the
+            # builtin TFLite runtime lacks, and this layer must export.
+            is_max = ops.cast(ops.equal(stacked, ops.max(stacked, axis=-1, keepdims=True)), "float32")
+            first = is_max * ops.cast(ops.equal(ops.cumsum(is_max, axis=-1), 1.0), "float32")
+            votes = ops.sum(first, axis=0)
             return (votes + ops.mean(stacked, axis=0)) / (m + 1)
         w = [1.0] * m if self.method == "soft" or self.vote_weights is None else self.vote_weights
         total = float(sum(w))

@@ -126,69 +126,16 @@ def _as_float32(model: Any) -> Any:
     return clone
 
 
-def _hard_vote_layer() -> Any:
-    """A layer computing :class:`covidlib.ensemble.VoteLayer`'s hard vote from TFLite builtins.
-
-    ``keras.ops.argmax`` on floats (TensorFlow backend) guards against -0.0 with a bitcast and
-    ``BitwiseAnd``, an op the builtin TFLite runtime lacks. The first maximum is found with
-    ``equal`` + ``cumsum`` instead (the same first-index tie rule as argmax).
-    """
-    import keras
-    from keras import ops
-
-    class HardVote(keras.layers.Layer):
-        def call(self, inputs):
-            stacked = ops.stack([ops.cast(p, "float32") for p in inputs], axis=0)  # (m, n, k)
-            is_max = ops.cast(ops.equal(stacked, ops.max(stacked, axis=-1, keepdims=True)), "float32")
-            first = is_max * ops.cast(ops.equal(ops.cumsum(is_max, axis=-1), 1.0), "float32")
-            votes = ops.sum(first, axis=0)
-            return (votes + ops.mean(stacked, axis=0)) / (len(inputs) + 1)
-
-        def compute_output_shape(self, input_shapes):
-            return input_shapes[0]
-
-    return HardVote(name="vote")
-
-
-def _hard_vote_members(model: Any) -> list | None:
-    """The members of a :func:`covidlib.ensemble.build_ensemble_model` hard-vote model, else None."""
-    import keras
-
-    from covidlib.ensemble import VoteLayer
-
-    body = [lyr for lyr in model.layers if not isinstance(lyr, keras.layers.InputLayer)]
-    if len(body) < 2 or not isinstance(body[-1], VoteLayer) or body[-1].method != "hard":
-        return None
-    members = body[:-1]
-    if not all(isinstance(m, keras.Model) for m in members):
-        return None
-    # The hard vote is symmetric in its members, so their order does not matter.
-    return members
-
-
 def inference_model(model: Any) -> Any:
     """A functional wrapper that always runs ``model`` with ``training=False``.
 
     Needed because ``model.export`` traces ``model(x)`` with no ``training`` argument, and the
     augmentation layers inside covidlib models default to training mode (see module docstring).
-    A hard-vote ensemble gets its vote rebuilt from TFLite builtin ops (:func:`_hard_vote_layer`);
-    the rebuilt graph is checked against the original on two probe images.
     """
     import keras
 
     shape = _check_image_model(model)
     inp = keras.Input(shape[1:], name="image", dtype="float32")
-    members = _hard_vote_members(model)
-    if members is not None:
-        out = _hard_vote_layer()([m(inp, training=False) for m in members])
-        wrapper = keras.Model(inp, out, name=f"{model.name}_inference")
-        probe = sample_images(int(shape[1]), 2, seed=1) if shape[1] else None
-        if probe is not None and np.allclose(_keras_predict(wrapper, probe),
-                                             _keras_predict(model, probe), atol=1e-6):
-            return wrapper
-        warnings.warn(f"{model.name}: rebuilt hard vote disagrees with the model; exporting it as is "
-                      "(TFLite may then need TF Select ops)", UserWarning, stacklevel=2)
-        inp = keras.Input(shape[1:], name="image", dtype="float32")
     out = model(inp, training=False)
     return keras.Model(inp, out, name=f"{model.name}_inference")
 
