@@ -158,6 +158,10 @@ def _weighted_metrics(W: np.ndarray, y: np.ndarray, probs: np.ndarray, pos: int,
                 aucs = np.stack([_weighted_auc(W, (y == k), probs[:, k]) for k in range(K)], axis=1)
                 n_def = np.isfinite(aucs).sum(axis=1)
                 out["auc_macro"] = np.where(n_def > 0, np.nansum(aucs, axis=1) / np.maximum(n_def, 1), np.nan)
+    for m in metrics:
+        if m.startswith("auc#"):  # one class's one-vs-rest AUC (index after '#')
+            k = int(m[4:])
+            out[m] = _weighted_auc(W, (y == k), probs[:, k])
     unknown = set(metrics) - set(out)
     if unknown:
         raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from {list(DEFAULT_METRICS)}")
@@ -245,7 +249,8 @@ def bootstrap_ci(
             images (cluster bootstrap); otherwise images are resampled.
         n_boot: number of resamples.
         seed: RNG seed; the same inputs and seed give the same interval.
-        metrics: any of ``accuracy``, ``f1_macro``, ``auc_macro``.
+        metrics: any of ``accuracy``, ``f1_macro``, ``auc_macro``, or ``auc:<class>`` for one
+            class's one-vs-rest AUC.
 
     Returns:
         ``{metric: [lo, hi]}``; ``None`` for a metric undefined in most resamples (e.g. AUC
@@ -254,12 +259,16 @@ def bootstrap_ci(
     classes = list(classes)
     y, p = _check_arrays(y_true, probs, len(classes))
     metrics = tuple(metrics)
-    unknown = set(metrics) - set(DEFAULT_METRICS)
+    per_class = {f"auc:{c}": f"auc#{k}" for k, c in enumerate(classes)}
+    unknown = set(metrics) - set(DEFAULT_METRICS) - set(per_class)
     if unknown:
-        raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from {list(DEFAULT_METRICS)}")
+        raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from "
+                         f"{list(DEFAULT_METRICS) + list(per_class)}")
+    public = metrics
+    metrics = tuple(per_class.get(m, m) for m in metrics)
     n = len(y)
     if n == 0 or n_boot < 1:
-        return {m: None for m in metrics}
+        return {m: None for m in public}
     if groups is not None:
         g = np.asarray(groups)
         if len(g) != n:
@@ -284,15 +293,15 @@ def bootstrap_ci(
             vals[m].append(v)
         done += b
     out: dict[str, list[float] | None] = {}
-    for m in metrics:
+    for name, m in zip(public, metrics):
         v = np.concatenate(vals[m])
         v = v[np.isfinite(v)]
         # Dropping undefined resamples biases the interval; only accept a small loss.
         if len(v) < max(2, 0.9 * n_boot):
-            out[m] = None
+            out[name] = None
         else:
             lo, hi = np.percentile(v, [2.5, 97.5])
-            out[m] = [float(lo), float(hi)]
+            out[name] = [float(lo), float(hi)]
     return out
 
 
@@ -548,6 +557,10 @@ def evaluate_predictions(
     pid = _patient_ids(test_df)
     clustered = pid is not None and len(np.unique(pid)) < len(pid)
     out["ci95"] = bootstrap_ci(y, p, classes, groups=pid if clustered else None, n_boot=n_boot, seed=seed)
+    out["ci95_auc_per_class"] = bootstrap_ci(
+        y, p, classes, groups=pid if clustered else None, n_boot=n_boot, seed=seed,
+        metrics=[f"auc:{c}" for c in classes])
+    out["ci95_auc_per_class"] = {c: out["ci95_auc_per_class"][f"auc:{c}"] for c in classes}
     out["ci_unit"] = "patient" if clustered else "image"
     if not clustered:
         out["ci_note"] = ("no patient ids: images resampled as if independent; CIs are too narrow if "

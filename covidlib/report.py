@@ -124,7 +124,13 @@ def evaluate_run(
         plots.plot_confusion_matrices(np.array(models_block[name]["confusion_matrix"]), classes,
                                       figures[f"cm_{name}"], title=name)
         figures[f"roc_{name}"] = fig_dir / f"roc_{name}.png"
-        plots.plot_roc_curves(y_t, p_t, classes, figures[f"roc_{name}"], title=name)
+        plots.plot_roc_curves(y_t, p_t, classes, figures[f"roc_{name}"],
+                              auc_ci=models_block[name]["ci95_auc_per_class"], title=name)
+        figures[f"reliability_{name}"] = fig_dir / f"reliability_{name}.png"
+        temp = models_block[name]["calibration"].get("temperature")
+        plots.plot_reliability_diagram(
+            y_t, p_t, figures[f"reliability_{name}"],
+            probs_calibrated=evaluate.apply_temperature(p_t, temp) if temp else None, title=name)
     assert classes is not None and base_test is not None and base_val is not None
 
     weights = None
@@ -144,7 +150,7 @@ def evaluate_run(
                                   figures["cm_vote"], title=f"{vote} vote")
     figures["roc_vote"] = fig_dir / "roc_vote.png"
     plots.plot_roc_curves(y_v, p_v, classes, figures["roc_vote"],
-                          title=f"{vote} vote")
+                          auc_ci=ens_block["ci95_auc_per_class"], title=f"{vote} vote")
     figures["reliability_vote"] = fig_dir / "reliability_vote.png"
     temp = ens_block["calibration"].get("temperature")
     plots.plot_reliability_diagram(
@@ -242,7 +248,8 @@ def _two_phase(run_dir: Path, xray_backbone: str | None, classes: list[str],
     plots.plot_confusion_matrices(np.array(phase1["confusion_matrix"]), xclasses,
                                   figures["cm_xray"], title=f"phase 1: X-ray {xray_backbone}")
     figures["roc_xray"] = run_dir / "figures" / f"roc_xray_{xray_backbone}.png"
-    plots.plot_roc_curves(yx, px, xclasses, figures["roc_xray"], title=f"phase 1: X-ray {xray_backbone}")
+    plots.plot_roc_curves(yx, px, xclasses, figures["roc_xray"], auc_ci=phase1["ci95_auc_per_class"],
+                          title=f"phase 1: X-ray {xray_backbone}")
     return {
         "phase1_model": f"xray_{xray_backbone}",
         "phase1": phase1,

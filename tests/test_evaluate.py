@@ -241,3 +241,18 @@ def test_evaluate_predictions_without_patients_or_val():
     assert res["ci_unit"] == "image" and "ci_note" in res
     assert res["calibration"]["temperature"] is None and res["calibration"]["ece_after_temperature"] is None
     assert res["patient_level"]["method"] is None
+
+
+def test_per_class_auc_ci_brackets_each_class_auc():
+    rng = np.random.default_rng(3)
+    n, classes = 300, ["covid", "cap", "normal"]
+    y = rng.integers(0, 3, n)
+    logits = rng.normal(size=(n, 3)) + 1.5 * np.eye(3)[y]
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    point = ev.compute_metrics(y, p, classes)["per_class"]
+    ci = ev.bootstrap_ci(y, p, classes, n_boot=300, seed=0, metrics=[f"auc:{c}" for c in classes])
+    for c in classes:
+        lo, hi = ci[f"auc:{c}"]
+        assert lo < point[c]["auc"] < hi and hi - lo < 0.3
+    with pytest.raises(ValueError, match="unknown metric"):
+        ev.bootstrap_ci(y, p, classes, metrics=["auc:pneumonia"])
