@@ -78,6 +78,8 @@ def evaluate_run(
     seed: int = 0,
     gradcam_images: int = 4,
     save_ensemble: bool = True,
+    external_dataset: str | os.PathLike | None = None,
+    patient_pattern: str | None = None,
 ) -> RunEvaluation:
     """Evaluate every CT backbone, their vote and the two-phase cascade of one run.
 
@@ -94,6 +96,9 @@ def evaluate_run(
         seed: seed of the bootstrap, the simulated cohort and the figure sampling.
         gradcam_images: test images shown with Grad-CAM overlays (0 to skip).
         save_ensemble: also save the vote as one Keras model in ``models/ensemble/``.
+        external_dataset: another data set (any ``DATASET`` value) to evaluate the trained CT
+            models and their vote on, every image of it; see :func:`external_validation`.
+        patient_pattern: patient-id regex for ``external_dataset``.
     """
     run_dir = Path(run_dir)
     fig_dir = run_dir / "figures"
@@ -201,10 +206,68 @@ def evaluate_run(
         "two_phase": _two_phase(run_dir, xray_backbone, classes, vote_test, cohort, phase1_threshold,
                                 uncertainty_band, clinical_flag_rate, n_boot, seed, figures),
     }
+    if external_dataset:
+        evaluation["external_validation"] = external_validation(
+            run_dir, external_dataset, backbones, vote=vote, weights=weights,
+            patient_pattern=patient_pattern, n_boot=n_boot, seed=seed, figures=figures)
     evaluation = evaluate.to_jsonable(evaluation)
     _atomic_text(run_dir / "evaluation.json", json.dumps(evaluation, indent=2))
     _atomic_text(run_dir / "results.md", results_markdown(evaluation, figures, run_dir))
     return RunEvaluation(run_dir, evaluation, figures)
+
+
+def external_validation(run_dir: str | os.PathLike, dataset: str | os.PathLike,
+                        backbones: Sequence[str], *, vote: str = "hard",
+                        weights: Sequence[float] | None = None, patient_pattern: str | None = None,
+                        n_boot: int = 1000, seed: int = 0, figures: dict | None = None) -> dict:
+    """Evaluate the run's CT models and their vote on every image of another data set.
+
+    Labels go through the same alias table as training data. When the external classes are a
+    subset of the trained ones, metrics are computed on the trained classes; otherwise, if both
+    have ``covid``, the task becomes COVID-19 vs the rest (P(covid) against 1 - P(covid)), and
+    the report says which mapping was used. The models are not retrained or recalibrated.
+    """
+    from covidlib import datasets, predict
+
+    run_dir = Path(run_dir)
+    ingested = datasets.ingest(dataset, modality="ct", seed=seed, patient_pattern=patient_pattern,
+                               work_dir=run_dir / "external")
+    ext = ingested.manifest
+    preds = predict.predict_paths(list(ext["path"]),
+                                  model_dirs=[run_dir / "models" / b for b in backbones],
+                                  vote=vote)
+    classes = list(preds.attrs["classes"])
+    ok = preds[preds["error"] == ""].merge(ext[["path", "label", "patient_id"]].astype(str),
+                                           on="path", how="inner")
+    ext_classes = config.ordered_classes(ext["label"].unique())
+    if set(ext_classes) <= set(classes):
+        mapping, eval_classes = "same classes", classes
+    elif config.POSITIVE_LABEL in classes and config.POSITIVE_LABEL in ext_classes:
+        mapping, eval_classes = "COVID-19 vs rest (classes differ)", [config.POSITIVE_LABEL, "non_covid"]
+    else:
+        raise ValueError(f"external classes {ext_classes} cannot be compared with trained {classes}")
+
+    def table(prefix: str) -> pd.DataFrame:
+        probs = ok[[f"{prefix}:p_{c}" for c in classes]].to_numpy(dtype=float)
+        label = ok["label"]
+        if eval_classes != classes:
+            pc = probs[:, classes.index(config.POSITIVE_LABEL)]
+            probs = np.stack([pc, 1.0 - pc], axis=1)
+            label = np.where(label == config.POSITIVE_LABEL, config.POSITIVE_LABEL, "non_covid")
+        out = pd.DataFrame({"path": ok["path"], "patient_id": ok["patient_id"], "label": label})
+        return _with_probs(out, probs, eval_classes)
+
+    blocks = {name: evaluate.evaluate_predictions(table(name), eval_classes, n_boot=n_boot, seed=seed)
+              for name in list(backbones) + ["vote"]}
+    if figures is not None:
+        y, p = evaluate.predictions_to_arrays(table("vote"), eval_classes)
+        figures["external_roc_vote"] = run_dir / "figures" / "external_roc_vote.png"
+        plots.plot_roc_curves(y, p, eval_classes, figures["external_roc_vote"],
+                              auc_ci=blocks["vote"]["ci95_auc_per_class"], title="external: vote")
+    return {"dataset": str(dataset), "n_images": int(len(ok)),
+            "n_unreadable": int((preds["error"] != "").sum()) + len(ingested.quarantine),
+            "classes": eval_classes, "mapping": mapping, "models": blocks,
+            "warnings": ingested.warnings}
 
 
 def _dataset_name(run_dir: Path) -> str:
@@ -307,6 +370,15 @@ def results_markdown(ev: dict, figures: dict[str, Path], run_dir: Path) -> str:
             f"{_fmt(tp['xray_only']['specificity'])}; CT for all: sensitivity "
             f"{_fmt(tp['ct_for_all']['sensitivity'])}, specificity {_fmt(tp['ct_for_all']['specificity'])}",
         ]
+    ext = ev.get("external_validation")
+    if ext:
+        lines += ["", "## External validation", "",
+                  f"Trained models evaluated, unchanged, on `{ext['dataset']}` ({ext['n_images']} "
+                  f"images; mapping: {ext['mapping']}).", "",
+                  "| model | accuracy [95% CI] | macro AUC [95% CI] |", "|---|---|---|"]
+        for name, b in ext["models"].items():
+            lines.append(f"| {name} | {_fmt(b['accuracy'])}{_ci(b, 'accuracy')} | "
+                         f"{_fmt(b['auc_macro'])}{_ci(b, 'auc_macro')} |")
     lines += ["", "## Figures", ""]
     for key, path in figures.items():
         rel = os.path.relpath(path, run_dir)

@@ -140,3 +140,29 @@ def test_nbval_reexecutes_executed_notebooks(tiny_run):
          str(tiny_run / "notebooks")],
         capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_external_validation_same_and_binary_classes(tiny_run, tmp_path, monkeypatch):
+    import cv2
+
+    from covidlib import report, synthetic
+
+    monkeypatch.setenv("COVIDLIB_DATA", str(tmp_path / "data"))
+    other = synthetic.write_synthetic_dataset(tmp_path / "other", n_patients=3,
+                                              slices_per_patient=2, size=64, seed=7)
+    ext = report.external_validation(tiny_run, other.parent, ["DenseNet121", "MobileNetV2"],
+                                     n_boot=20)
+    assert ext["mapping"] == "same classes" and ext["n_images"] == 18
+    assert set(ext["models"]) >= {"DenseNet121", "vote"}
+    # A binary COVID / non-COVID set is compared as COVID-19 vs the rest.
+    labels = pd.read_csv(other)
+    for i, row in labels.iterrows():
+        folder = "COVID" if row.label == "covid" else "NonCOVID"
+        (tmp_path / "binary" / folder).mkdir(parents=True, exist_ok=True)
+        img = cv2.imread(str(other.parent / row.path), cv2.IMREAD_GRAYSCALE)
+        cv2.imwrite(str(tmp_path / "binary" / folder / f"{row.patient_id}_{i}.png"), img)
+    ext = report.external_validation(tiny_run, tmp_path / "binary", ["DenseNet121"], n_boot=20)
+    assert ext["mapping"].startswith("COVID-19 vs rest")
+    assert ext["classes"] == ["covid", "non_covid"]
+    assert ext["models"]["vote"]["auc_macro"] is None or 0 <= ext["models"]["vote"]["auc_macro"] <= 1

@@ -233,21 +233,25 @@ UNCERTAINTY_BAND = 0.15
 CLINICAL_FLAG_RATE = 0.1     # simulated cohort only
 N_BOOT = 1000
 GRADCAM_IMAGES = 4
+EXTERNAL_DATASET = None      # another CT data set to evaluate the trained models on (external validation)
+EXTERNAL_PATIENT_PATTERN = None   # patient-id regex for EXTERNAL_DATASET
 SEED = 0
 '''),
     code('''
 import json
 from IPython.display import Image, Markdown
-from covidlib import config, pipeline, report
+from covidlib import config, pipeline, report, train
 
 config.seed_everything(SEED)
 run_dir = pipeline.resolve_run_dir(RUN_DIR)
+print(train.describe_device())
 '''),
     code('''
 result = report.evaluate_run(
     run_dir, BACKBONES, xray_backbone=XRAY_BACKBONE, vote=VOTE, cohort=COHORT,
     phase1_threshold=PHASE1_THRESHOLD, uncertainty_band=UNCERTAINTY_BAND,
-    clinical_flag_rate=CLINICAL_FLAG_RATE, n_boot=N_BOOT, seed=SEED, gradcam_images=GRADCAM_IMAGES)
+    clinical_flag_rate=CLINICAL_FLAG_RATE, n_boot=N_BOOT, seed=SEED, gradcam_images=GRADCAM_IMAGES,
+    external_dataset=EXTERNAL_DATASET, patient_pattern=EXTERNAL_PATIENT_PATTERN)
 Markdown((run_dir / "results.md").read_text().split("## Figures")[0])
 '''),
     md("## Figures\nConfusion matrices (counts and row-normalised), ROC curves, reliability diagram, the "
