@@ -65,8 +65,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
                                  patient_pattern=args.patient_pattern)
         print(result.report())
         manifest, quarantine = result.manifest, result.quarantine
-    report = audit.audit_manifest(manifest, quarantine=quarantine)
-    print(audit.format_audit(report))
+    # A run's manifest may hold CT and X-ray: each modality is audited on its own.
+    report = audit.audit_by_modality(manifest, quarantine=quarantine)
+    print(audit.format_audit_by_modality(report))
     if args.out:
         audit.write_audit(report, args.out)
         print(f"written: {args.out}")

@@ -813,12 +813,17 @@ def _convert_medical(items: list[_Item], conv_root: Path, quarantine: list[dict]
 # ----------------------------------------------------------------------------------------------
 
 
-def _verify(items: list[_Item], quarantine: list[dict]) -> tuple[list[_Item], list[int | None]]:
-    """Decode every image in a thread pool (cv2 releases the GIL); keep the good ones."""
+def _verify(items: list[_Item], quarantine: list[dict]) -> tuple[list[_Item], list[tuple | None]]:
+    """Decode every image in a thread pool (cv2 releases the GIL); keep the good ones.
+
+    Returns the kept items and, per kept item, ``(perceptual_hash, structure_signature)`` (None
+    without covidlib.audit): the signature lets near-duplicate grouping confirm hash matches,
+    since distinct CT slices are often 0-2 hash bits apart (see covidlib.audit).
+    """
     try:
-        from covidlib.audit import perceptual_hash
+        from covidlib.audit import perceptual_hash, structure_signature
     except ImportError:  # audit not installed / not written yet: no near-duplicate grouping
-        perceptual_hash = None
+        perceptual_hash = structure_signature = None
 
     def check(it: _Item):
         try:
@@ -830,7 +835,7 @@ def _verify(items: list[_Item], quarantine: list[dict]) -> tuple[list[_Item], li
         problem = cio.image_problem(img)
         if problem:
             return problem, None
-        h = perceptual_hash(img) if perceptual_hash is not None else None
+        h = (perceptual_hash(img), structure_signature(img)) if perceptual_hash is not None else None
         return None, h
 
     workers = max(1, min(8, (os.cpu_count() or 2) * 2))
@@ -888,21 +893,31 @@ def _apply_pattern(items: list[_Item], rx: re.Pattern, warn: list[str], notes: l
     notes.append(f"patient_id from pattern {rx.pattern!r}")
 
 
-def _dup_clusters(hashes: list[int]) -> tuple[list[int], int, bool]:
+# Structure correlation that confirms a hash match when grouping images without patient ids.
+_GROUP_MIN_CORRELATION = 0.9
+
+
+def _dup_clusters(hashes: list) -> tuple[list[int], int, bool]:
     """Near-duplicate clusters for split grouping: (cluster ids, threshold used, still too big).
 
     The audit's default threshold is tuned to *report* near-duplicates; for grouping, transitive
     chains are a problem: CT slices share so much structure that at 6 bits most of a data set
     chains into one cluster, and a split cannot be stratified any more. So the threshold is lowered
     from the default until the largest cluster holds at most max(10, 2 %) of the images. Copies
-    (re-encoded, resized) sit within 0-3 bits, so they still group.
+    (re-encoded, resized) sit within 0-3 bits, so they still group. ``hashes`` are
+    ``(hash, structure_signature)`` tuples (from :func:`_verify`), so a hash match is confirmed by
+    the audit's structure correlation: without it, distinct CT slices (0-2 bits apart) were grouped
+    as "copies" (even across classes) and reported as straddling given splits. The bar is
+    :data:`_GROUP_MIN_CORRELATION` (0.9), below the audit's 0.95 on purpose: for grouping a missed
+    copy (leakage) costs more than a spurious group; small smooth images resized scored 0.93, the most
+    similar distinct slices of all of ct-mosmed 0.91 (one pair), the next ones < 0.9.
     """
     from covidlib.audit import DEFAULT_NEAR_DUP_THRESHOLD, near_duplicate_groups
 
     cap = max(10, int(0.02 * len(hashes)))
     clusters: list[int] = []
     for thr in range(int(DEFAULT_NEAR_DUP_THRESHOLD), -1, -1):
-        clusters = near_duplicate_groups(hashes, threshold=thr)
+        clusters = near_duplicate_groups(hashes, threshold=thr, min_correlation=_GROUP_MIN_CORRELATION)
         if not clusters or max(Counter(clusters).values()) <= cap:
             return clusters, thr, False
     return clusters, 0, True
@@ -1362,7 +1377,8 @@ def ingest(
             for i, c in zip(idx, clusters):
                 items[i].group = f"dup:{c}" if sizes[c] > 1 else items[i].patient
             biggest = max(sizes.values()) if sizes else 0
-            dup_info = (f" Near-duplicate images (perceptual hash within {thr} bits) were grouped so copies "
+            dup_info = (f" Near-duplicate images (perceptual hash within {thr} bits, confirmed by structure "
+                        f"correlation) were grouped so copies "
                         f"stay in one split: {len(multi)} cluster(s) of 2+ images, largest {biggest}.")
             if capped:
                 warn.append(
@@ -1438,6 +1454,16 @@ def ingest(
                if not ((df["split"] == s) & (df["label"] == c)).any() and (df["split"] == s).any()]
     if missing:
         warn.append(f"class(es) absent from a split (too few patients?): {missing}")
+    # A whole split can end up empty too (the check above only looks at splits that exist).
+    empty = [s for s, f in (("val", val_fraction), ("test", test_fraction))
+             if f > 0 and not (df["split"] == s).any()]
+    if empty and (df["split"] == "train").any():
+        per_class = df.groupby("label")["_group"].nunique().to_dict()
+        warn.append(
+            f"split(s) {empty} are EMPTY: too few patients to fill them (patients per class: {per_class}; "
+            "a class needs at least 3 to be put into every split). Add patients, or evaluation on "
+            f"{empty} will have no data"
+        )
     labs = set(df["label"])
     if {"normal", "non_covid"} <= labs:
         warn.append("both 'normal' and 'non_covid' labels are present: non-COVID includes normal, so these "

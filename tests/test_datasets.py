@@ -493,3 +493,55 @@ def test_summarize():
     assert s.loc["train", "total"] == 2 and s.loc["total", "covid"] == 3
     p = D.summarize(df, unit="patients")
     assert p.loc["total", "total"] == 3
+
+
+def _same_hash_slice(seed: int) -> np.ndarray:
+    """144x128 "CT slice": one body outline plus a texture that averages to zero in every 16x16
+    cell, so every seed has the SAME 9x8 dHash while the slices differ (like distinct real CT
+    slices, which are often 0-2 hash bits apart)."""
+    rng = np.random.default_rng(seed)
+    img = np.full((128, 144), 60, np.float32)
+    cv2.ellipse(img, (72, 64), (58, 40), 0, 0, 360, 160, -1)
+    quad = np.kron(np.array([[1, -1], [-1, 1]], np.float32), np.ones((8, 8), np.float32))
+    signs = rng.choice([-1.0, 1.0], size=(8, 9)).astype(np.float32)
+    img += 40 * np.kron(signs, np.ones((16, 16), np.float32)) * np.tile(quad, (8, 9))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_distinct_slices_with_equal_hashes_are_not_near_duplicates(tmp_path):
+    # Regression: ingest grouped near-duplicates by perceptual hash alone, so distinct CT slices
+    # (real ct-mosmed slices: 0-2 bits apart, structure correlation <= 0.87) became "copies" --
+    # across classes too -- and given splits got a false "near-duplicate cluster(s) straddle" warning.
+    split_root, flat_root = tmp_path / "split", tmp_path / "flat"
+    k = 0
+    for split in ("train", "val", "test"):
+        for cls in ("COVID", "NonCOVID"):
+            for i in range(4):
+                img = _same_hash_slice(k)
+                write_image(split_root / split / cls / f"s{k}.png", img)
+                write_image(flat_root / cls / f"s{k}.png", img)
+                k += 1
+    write_image(flat_root / "COVID" / "copy_of_s0.jpg", _same_hash_slice(0))  # a real copy still groups
+    r = D.ingest(split_root)
+    assert r.layout == "split_folders"
+    assert not any("straddle" in w or "near-duplicate grouping" in w for w in r.warnings), r.warnings
+    assert "0 cluster(s) of 2+ images" in r.warnings[0]
+    r = D.ingest(flat_root, seed=0)
+    m = r.manifest
+    assert not any("near-duplicate grouping" in w for w in r.warnings), r.warnings
+    assert set(m["split"]) == {"train", "val", "test"}
+    names = m["path"].map(lambda p: Path(p).name)
+    assert m.loc[names.isin(["s0.png", "copy_of_s0.jpg"]), "split"].nunique() == 1
+
+
+def test_empty_split_is_warned(tmp_path):
+    # Regression: with 2 patients per class the test split came out empty without any warning
+    # (the "class absent from a split" check skipped splits that do not exist at all).
+    root = tmp_path / "few"
+    make_class_tree(root, {"covid": 10, "normal": 10}, names=lambda c, i: f"{c}pat{i // 5}_slice{i % 5}.png")
+    r = D.ingest(root, patient_pattern=r"^(.+)_slice\d+", seed=0)
+    empty = [s for s in ("val", "test") if s not in set(r.manifest["split"])]
+    assert empty, "setup no longer leaves a split empty; adjust the test"
+    assert any("EMPTY" in w and str(empty) in w for w in r.warnings), r.warnings
+    r = D.ingest(root, patient_pattern=r"^(.+)_slice\d+", seed=0, test_fraction=0.0)
+    assert not any("test" in w and "EMPTY" in w for w in r.warnings), r.warnings
