@@ -180,12 +180,12 @@ def build_augmentation(seed: int = 0, strength: float = 1.0) -> keras.Sequential
     )
 
 
-def _small_cnn(img_size: int) -> keras.Model:
+def _small_cnn(img_size: int, bn_momentum: float | None = 0.5) -> keras.Model:
     inp = keras.Input((img_size, img_size, 3))
     x = inp
     for i, filters in enumerate((16, 32, 64, 96)):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
-        x = layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)
+        x = layers.BatchNormalization(momentum=bn_momentum or 0.99, name=f"bn{i}")(x)
         x = layers.Activation("relu", name=f"relu{i}")(x)
         if i < 3:
             x = layers.MaxPooling2D(name=f"pool{i}")(x)
@@ -216,7 +216,7 @@ def build_backbone(backbone: str, img_size: int, weights: str | None = None,
     if img_size < 32:
         raise ValueError(f"img_size must be >= 32 for {backbone}, got {img_size}")
     if backbone == "SmallCNN":
-        model = _small_cnn(img_size)
+        model = _small_cnn(img_size, bn_momentum)
         if weights not in (None, "imagenet"):
             model.load_weights(_existing_path(weights))
         elif weights == "imagenet":

@@ -172,10 +172,16 @@ def predict_store(model: keras.Model, store: ArrayStore, rows: np.ndarray, class
     """Per-image probabilities for ``rows`` of a store: ``path, patient_id, label, p_<class>``."""
     if len(rows) == 0:
         return pd.DataFrame(columns=["path", "patient_id", "label"] + [f"p_{c}" for c in classes])
+    # ArrayLoader sorts each batch by row number (sequential memory-map reads); feed it sorted rows
+    # and put the probabilities back in the caller's order, or they land on the wrong images.
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
     loader = ArrayLoader(store.images, np.zeros(len(rows), dtype=np.int64), len(classes),
-                         batch_size, rows=rows)
-    probs = np.concatenate([np.asarray(model.predict_on_batch(loader[i][0]))
-                            for i in range(len(loader))])
+                         batch_size, rows=rows[order])
+    probs_sorted = np.concatenate([np.asarray(model.predict_on_batch(loader[i][0]))
+                                   for i in range(len(loader))])
+    probs = np.empty_like(probs_sorted)
+    probs[order] = probs_sorted
     idx = store.index.iloc[rows]
     out = pd.DataFrame({"path": idx["path"].to_numpy(),
                         "patient_id": idx["patient_id"].astype(str).to_numpy(),

@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny synthetic CT data set and isolated data / report folders."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+
+def _absolute_manifest(labels_csv: Path) -> pd.DataFrame:
+    df = pd.read_csv(labels_csv, dtype={"patient_id": str}, keep_default_na=False)
+    df["path"] = [str((labels_csv.parent / p).resolve()) for p in df["path"]]
+    return df
+
+
+@pytest.fixture(scope="session")
+def tiny_ct_root(tmp_path_factory) -> Path:
+    """4 patients per class x 3 slices, 64 px (train 18 / val 9 / test 9 images). Do not modify."""
+    from covidlib.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("tiny_ct")
+    return write_synthetic_dataset(root, modality="ct", n_patients=4, slices_per_patient=3,
+                                   size=64).parent
+
+
+@pytest.fixture(scope="session")
+def tiny_ct_manifest_session(tiny_ct_root) -> pd.DataFrame:
+    return _absolute_manifest(tiny_ct_root / "labels.csv")
+
+
+@pytest.fixture()
+def tiny_ct_manifest(tiny_ct_manifest_session) -> pd.DataFrame:
+    """A fresh copy of the tiny CT manifest with absolute paths (safe to modify)."""
+    return tiny_ct_manifest_session.copy()
+
+
+@pytest.fixture()
+def isolated_dirs(tmp_path, monkeypatch) -> dict[str, Path]:
+    """COVIDLIB_DATA / COVIDLIB_REPORTS pointed at empty folders under ``tmp_path``."""
+    dirs = {"data": tmp_path / "covidlib_data", "reports": tmp_path / "covidlib_reports"}
+    for d in dirs.values():
+        d.mkdir()
+    monkeypatch.setenv("COVIDLIB_DATA", str(dirs["data"]))
+    monkeypatch.setenv("COVIDLIB_REPORTS", str(dirs["reports"]))
+    return dirs
