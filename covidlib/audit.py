@@ -806,7 +806,7 @@ def audit_manifest(
     if near_report["n_cross_split_pairs"]:
         warnings.append(
             f"LEAK: {near_report['n_cross_split_pairs']} near-duplicate pair(s) ({near_report['method']}) "
-            "lie in different splits, in {near_report['n_cross_split_clusters']} "
+            f"lie in different splits, in {near_report['n_cross_split_clusters']} "
             f"cluster(s) holding {near_report['n_images_in_cross_split_clusters']} images; test scores "
             "will be optimistic. Split by patient or drop the copies."
         )

@@ -325,6 +325,22 @@ def _two_phase(run_dir: Path, xray_backbone: str | None, classes: list[str],
     }
 
 
+def _data_caveats(run_dir: Path, limit: int = 4) -> list[str]:
+    """The audit's first warnings per modality: what a reader must know before trusting numbers."""
+    path = run_dir / "data_audit.json"
+    if not path.is_file():
+        return []
+    audit = json.loads(path.read_text())
+    per_mod = audit.get("modalities", {"all": audit})
+    out = []
+    for mod, rep in per_mod.items():
+        warns = rep.get("warnings") or []
+        out += [f"[{mod}] {w}" for w in warns[:limit]]
+        if len(warns) > limit:
+            out.append(f"[{mod}] ... and {len(warns) - limit} more in data_audit.json")
+    return out
+
+
 def _fmt(x: Any) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -370,6 +386,9 @@ def results_markdown(ev: dict, figures: dict[str, Path], run_dir: Path) -> str:
             f"{_fmt(tp['xray_only']['specificity'])}; CT for all: sensitivity "
             f"{_fmt(tp['ct_for_all']['sensitivity'])}, specificity {_fmt(tp['ct_for_all']['specificity'])}",
         ]
+    caveats = _data_caveats(run_dir)
+    if caveats:
+        lines += ["", "## Data caveats (from data_audit.json)", ""] + [f"- {c}" for c in caveats]
     ext = ev.get("external_validation")
     if ext:
         lines += ["", "## External validation", "",

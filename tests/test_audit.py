@@ -288,3 +288,25 @@ def test_relative_paths_and_bad_input(tmp_path):
         audit_manifest(pd.DataFrame({"path": [], "label": []}))
     with pytest.raises(ValueError):
         audit_manifest([{"path": "a.png", "label": "covid"}])
+
+
+def test_no_warning_holds_an_unformatted_placeholder(tmp_path):
+    """Every warning sentence is fully formatted (a missing f-prefix once leaked '{...}')."""
+    import cv2
+    import numpy as np
+    import pandas as pd
+
+    from covidlib import audit
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        img = (rng.random((64, 64)) * 255).astype("uint8")
+        for split in ("train", "test"):  # the same image in two splits: exact + near duplicates
+            p = tmp_path / f"{split}_{i}.png"
+            cv2.imwrite(str(p), img)
+            rows.append({"path": str(p), "label": "covid" if i % 2 else "normal",
+                         "patient_id": f"p{i}{split}", "split": split, "source": "s", "modality": "ct"})
+    report = audit.audit_manifest(pd.DataFrame(rows))
+    assert any("LEAK" in w for w in report["warnings"])
+    assert not any("{" in w or "}" in w for w in report["warnings"])
