@@ -252,8 +252,11 @@ def _best_so_far(history_csv: Path) -> float | None:
 def _callbacks(model_dir: Path, cfg: TrainConfig, phase: str, extra: list | None) -> list:
     cbs: list = [
         keras.callbacks.BackupAndRestore(str(model_dir / "backup" / phase), delete_checkpoint=True),
+        # Weights only: a full .keras file per improvement cost up to 1 s an epoch (measured,
+        # BENCHMARKS.md); the model is saved whole once, at the end.
         keras.callbacks.ModelCheckpoint(
-            str(model_dir / "best.keras"), monitor="val_auc", mode="max", save_best_only=True,
+            str(model_dir / "best.weights.h5"), monitor="val_auc", mode="max",
+            save_best_only=True, save_weights_only=True,
             initial_value_threshold=_best_so_far(model_dir / "history.csv"), verbose=0),
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=cfg.patience),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
@@ -375,10 +378,10 @@ def train(
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
-    from covidlib.models import load_model
-
-    best = model_dir / "best.keras"
-    final = load_model(best) if best.is_file() else model
+    best = model_dir / "best.weights.h5"
+    if best.is_file():
+        model.load_weights(best)
+    final = model
     save_model_atomic(final, model_dir / "model.keras")
     for split in ("val", "test"):
         preds = predict_store(final, store, store.split_indices(split), classes)
