@@ -106,20 +106,30 @@ def time_loop(fn, paths: list[str]) -> float:
 
 
 def single_core(methods: dict, paths: list[str], repeats: int) -> dict[str, float]:
+    """ms / image per method, one core. Methods are interleaved image by image (order rotated),
+    so load from other jobs on a shared machine falls on all of them alike."""
     from threadpoolctl import threadpool_limits
 
     prev = cv2.getNumThreads()
     cv2.setNumThreads(1)
+    names = list(methods)
+    fns = [methods[k] for k in names]
     try:
         with threadpool_limits(1):
-            for fn in methods.values():  # warm-up: page cache, CLAHE objects, allocator
+            for fn in fns:  # warm-up: page cache, CLAHE objects, allocator
                 time_loop(fn, paths)
-            runs: dict[str, list[float]] = {k: [] for k in methods}
-            names = list(methods)
+            runs: dict[str, list[float]] = {k: [] for k in names}
+            clock = time.perf_counter
             for r in range(repeats):
-                # rotate the order so a burst of load from elsewhere does not hit one method only
-                for k in names[r % len(names):] + names[: r % len(names)]:
-                    runs[k].append(time_loop(methods[k], paths))
+                tot = [0.0] * len(names)
+                for i, p in enumerate(paths):
+                    k0 = (i + r) % len(names)
+                    for j in list(range(k0, len(names))) + list(range(k0)):
+                        t0 = clock()
+                        fns[j](p)
+                        tot[j] += clock() - t0
+                for j, k in enumerate(names):
+                    runs[k].append(tot[j] / len(paths) * 1000.0)
     finally:
         cv2.setNumThreads(prev)
     return {k: statistics.median(v) for k, v in runs.items()}
@@ -340,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             f"Machine: {machine()}  \n"
             f"Data: {len(paths)} images from `{args.data}` (512 x 512 CT JPEGs there; point `--data` at any "
             "folder of images). Median of "
-            f"{args.repeats} timed passes over all images after a warm-up pass; single-core rows run with "
+            f"{args.repeats} timed passes over all images after a warm-up pass (methods interleaved image by image); "
+            "single-core rows run with "
             "`cv2.setNumThreads(1)` and BLAS limited to one thread (threadpoolctl), so neither OpenCV nor "
             "OpenBLAS uses a second core.\n\n"
             f"{table}\n\n{notes}\n"
