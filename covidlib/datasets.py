@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from covidlib import config
+from covidlib.fsutil import atomic_write_bytes
 from covidlib import io as cio
 
 __all__ = [
@@ -681,19 +682,10 @@ def _slug(text: str) -> str:
 def _atomic_write_png(path: Path, img: np.ndarray) -> None:
     import cv2
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     ok, buf = cv2.imencode(".png", img)
     if not ok:
         raise OSError(f"PNG encoding failed for {path}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, buf.tobytes())
 
 
 def _fresh(out: Path, src: Path) -> bool:

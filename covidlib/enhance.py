@@ -26,7 +26,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -39,6 +38,8 @@ from typing import Any, Iterator, Sequence
 
 import cv2
 import numpy as np
+
+from covidlib.fsutil import atomic_write_bytes
 
 from covidlib import config
 
@@ -782,19 +783,8 @@ def _encode_png(img: np.ndarray) -> bytes:
 
 
 def _atomic_write_bytes(path: str, data: bytes) -> None:
-    folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=_TMP_SUFFIX, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    # The enhance-specific suffix lets a resumed run find and remove strays of a killed one.
+    atomic_write_bytes(path, data, suffix=_TMP_SUFFIX)
 
 
 def _process_one(task: tuple, steps: Sequence[str], params: dict[str, Any]) -> tuple[str, str | None, list[str]]:

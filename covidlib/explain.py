@@ -446,15 +446,7 @@ def save_gradcam(image: np.ndarray, heatmap: np.ndarray, path: str | os.PathLike
     ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise ValueError(f"save_gradcam: could not encode PNG for {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name opened normally (not mkstemp) so the PNG gets the usual umask permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(buf.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from covidlib.fsutil import atomic_write_bytes
+
+    atomic_write_bytes(path, buf.tobytes())
     return path

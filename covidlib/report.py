@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from covidlib import cascade, config, ensemble, evaluate, plots
+from covidlib.fsutil import atomic_write_text
 
 
 @dataclass
@@ -25,14 +25,6 @@ class RunEvaluation:
     run_dir: Path
     evaluation: dict
     figures: dict[str, Path] = field(default_factory=dict)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def load_predictions(model_dir: Path) -> tuple[list[str], pd.DataFrame, pd.DataFrame]:
@@ -192,8 +184,8 @@ def evaluate_run(
         if save_ensemble:
             model = ensemble.build_ensemble_model(members, vote, weights)
             save_model_atomic(model, run_dir / "models" / "ensemble" / "model.keras")
-            _atomic_text(run_dir / "models" / "ensemble" / "labels.json", json.dumps(classes))
-            _atomic_text(run_dir / "models" / "ensemble" / "config.json",
+            atomic_write_text(run_dir / "models" / "ensemble" / "labels.json", json.dumps(classes))
+            atomic_write_text(run_dir / "models" / "ensemble" / "config.json",
                          json.dumps({"method": vote, "members": backbones, "weights": weights,
                                      "img_size": img_size}, indent=2))
 
@@ -211,8 +203,8 @@ def evaluate_run(
             run_dir, external_dataset, backbones, vote=vote, weights=weights,
             patient_pattern=patient_pattern, n_boot=n_boot, seed=seed, figures=figures)
     evaluation = evaluate.to_jsonable(evaluation)
-    _atomic_text(run_dir / "evaluation.json", json.dumps(evaluation, indent=2))
-    _atomic_text(run_dir / "results.md", results_markdown(evaluation, figures, run_dir))
+    atomic_write_text(run_dir / "evaluation.json", json.dumps(evaluation, indent=2))
+    atomic_write_text(run_dir / "results.md", results_markdown(evaluation, figures, run_dir))
     return RunEvaluation(run_dir, evaluation, figures)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import pandas as pd
 import keras
 
 from covidlib import config
+from covidlib.fsutil import atomic_write_text
 from covidlib.data import ArrayLoader, ArrayStore, build_store, class_weights, manifest_fingerprint
 from covidlib.models import build_model, set_backbone_trainable
 
@@ -149,14 +149,6 @@ def set_seed(seed: int) -> None:
             tf.config.experimental.enable_op_determinism()
         except Exception:  # noqa: BLE001 - older TF: best effort
             pass
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def save_model_atomic(model: keras.Model, path: Path) -> None:
@@ -331,8 +323,8 @@ def train(
     if not in_progress and model_dir.exists():
         shutil.rmtree(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(model_dir / "config.json", json.dumps(full_cfg, indent=2, default=str))
-    _atomic_write_text(model_dir / "labels.json", json.dumps(classes))
+    atomic_write_text(model_dir / "config.json", json.dumps(full_cfg, indent=2, default=str))
+    atomic_write_text(model_dir / "labels.json", json.dumps(classes))
 
     store = build_store(rows, cfg.img_size, cache_dir or (run_dir / "cache"))
     tr, va = store.split_indices("train"), store.split_indices("val")
@@ -397,7 +389,7 @@ def train(
     if phase1_weights.is_file():
         phase1_weights.unlink()
     history = pd.read_csv(model_dir / "history.csv")
-    _atomic_write_text(done_marker, json.dumps({"epochs_run": len(history)}))
+    atomic_write_text(done_marker, json.dumps({"epochs_run": len(history)}))
     return TrainResult(model_dir, classes, history, final, resumed=in_progress)
 
 
