@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from covidlib import enhance, evaluate
+from covidlib.fsutil import atomic_write_bytes
 
 METRICS = ("accuracy", "f1_macro", "auc_macro")
 
@@ -109,7 +110,5 @@ def run_ablation(
         rows.append(row)
     table = pd.DataFrame(rows)
     table["verdict_vs_none"] = compare(table, "none", "accuracy")
-    tmp = run_dir / ".enhancement_ablation.csv.tmp"
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, run_dir / "enhancement_ablation.csv")
+    atomic_write_bytes(run_dir / "enhancement_ablation.csv", table.to_csv(index=False).encode())
     return table

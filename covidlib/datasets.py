@@ -27,7 +27,6 @@ import csv
 import hashlib
 import os
 import re
-import tempfile
 import warnings as _warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -1075,16 +1074,7 @@ def write_manifest(df: pd.DataFrame, path: str | os.PathLike, relative: bool = F
         out["path"] = out["path"].astype(str).map(rel)
     cols = config.MANIFEST_COLUMNS + [c for c in config.BBOX_COLUMNS if c in out.columns]
     cols += [c for c in out.columns if c not in cols]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            out[cols].to_csv(f, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_bytes(path, out[cols].to_csv(index=False).encode("utf-8"))
 
 
 def read_manifest(path: str | os.PathLike, check_files: bool = False) -> pd.DataFrame:
@@ -1491,12 +1481,8 @@ def save_run_manifest(run_dir: str | os.PathLike, results: Mapping[str, IngestRe
     write_manifest(manifest, run_dir / "manifest.csv")
     quarantine = pd.DataFrame([q for r in results.values() for q in r.quarantine],
                               columns=["path", "reason"])
-    tmp = run_dir / ".quarantine.csv.tmp"
-    quarantine.to_csv(tmp, index=False)
-    os.replace(tmp, run_dir / "quarantine.csv")
+    atomic_write_bytes(run_dir / "quarantine.csv", quarantine.to_csv(index=False).encode("utf-8"))
     meta = {k: (str(v) if v is not None else None) for k, v in sources.items()}
     meta["layouts"] = {m: r.layout for m, r in results.items()}
-    tmp = run_dir / ".dataset.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, run_dir / "dataset.json")
+    atomic_write_bytes(run_dir / "dataset.json", json.dumps(meta, indent=2).encode("utf-8"))
     return manifest

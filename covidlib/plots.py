@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -37,6 +36,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from covidlib import config
+from covidlib.fsutil import atomic_write_bytes
 
 __all__ = [
     "plot_class_counts",
@@ -65,18 +65,11 @@ CLASS_COLORS: dict[str, str] = {"covid": "#d62728", "cap": "#ff7f0e", "normal": 
 # --------------------------------------------------------------------------- helpers
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = DPI) -> Path:
     """Write ``fig`` as a PNG atomically (parent folders created). Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name opened normally (not mkstemp) so the PNG gets the usual umask permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _finish(fig: Figure, path: str | os.PathLike | None) -> Figure:

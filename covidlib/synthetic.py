@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +36,7 @@ import cv2
 import numpy as np
 
 from covidlib.config import MANIFEST_COLUMNS, SPLITS
+from covidlib.fsutil import atomic_write_bytes
 
 # Bump when the pictures change, so cached data sets on disk are regenerated.
 GENERATOR_VERSION = 1
@@ -521,18 +521,6 @@ def _split_counts(n: int, splits: Sequence[float]) -> list[int]:
     return counts
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _remove_previous(root: Path) -> None:
     """Delete only files an earlier call wrote (listed in its labels.csv), then empty dirs."""
     labels = root / "labels.csv"
@@ -673,11 +661,11 @@ def write_synthetic_dataset(
                 ok, buf = cv2.imencode(".png", im)
                 if not ok:
                     raise RuntimeError(f"PNG encoding failed for {fname}")
-                _atomic_write_bytes(out_dir / fname, buf.tobytes())
+                atomic_write_bytes(out_dir / fname, buf.tobytes())
                 rows.append({"path": f"{split}/{label}/{fname}", "label": label, "patient_id": pid,
                              "split": split, "source": "synthetic", "modality": modality})
 
     df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    _atomic_write_bytes(labels_path, df.to_csv(index=False).encode())
-    _atomic_write_bytes(meta_path, (json.dumps(params, indent=2) + "\n").encode())
+    atomic_write_bytes(labels_path, df.to_csv(index=False).encode())
+    atomic_write_bytes(meta_path, (json.dumps(params, indent=2) + "\n").encode())
     return labels_path

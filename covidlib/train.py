@@ -377,9 +377,7 @@ def train(
     save_model_atomic(final, model_dir / "model.keras")
     for split in ("val", "test"):
         preds = predict_store(final, store, store.split_indices(split), classes)
-        tmp = model_dir / f".predictions_{split}.csv.tmp"
-        preds.to_csv(tmp, index=False)
-        os.replace(tmp, model_dir / f"predictions_{split}.csv")
+        atomic_write_text(model_dir / f"predictions_{split}.csv", preds.to_csv(index=False))
         if split == "val" and len(preds) and prediction_collapse(
                 preds[[f"p_{c}" for c in classes]].to_numpy()):
             warnings.warn(
