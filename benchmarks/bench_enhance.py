@@ -232,15 +232,10 @@ def dct_tradeoff(paths: list[str]) -> list[tuple[int, float, float]]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from _machine import cpu_and_cores
+
+    cpu, cores = cpu_and_cores()
+    cpu = cpu or platform.processor() or ""
     return (
         f"{cores} cores ({cpu}), Linux {platform.release()}, Python {platform.python_version()}, "
         f"numpy {np.__version__}, OpenCV {cv2.__version__}"

@@ -101,15 +101,9 @@ def machine() -> str:
     import keras
     import tensorflow as tf
 
-    cpu = ""
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from _machine import cpu_and_cores
+
+    cpu, cores = cpu_and_cores()
     gpu = "GPU" if tf.config.list_physical_devices("GPU") else "no GPU"
     return (f"{cores} cores ({cpu}), {gpu}, Linux {platform.release()}, Python "
             f"{platform.python_version()}, Keras {keras.__version__} (backend "

@@ -267,15 +267,9 @@ def loader_epoch_s(store, tr, classes, args) -> float:
 def machine() -> str:
     import keras
 
-    cpu = ""
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from _machine import cpu_and_cores
+
+    cpu, cores = cpu_and_cores()
     from covidlib.train import gpu_available
 
     extra = ""
