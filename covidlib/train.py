@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -241,9 +242,60 @@ def _best_so_far(history_csv: Path) -> float | None:
         return None
 
 
+class BudgetedBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """``BackupAndRestore`` that spends at most ``budget`` of the training time on backups.
+
+    Writing weights + optimizer state every epoch cost up to 1.2 s per epoch on short epochs
+    (BENCHMARKS.md, "Training loop overhead"). Here an epoch end is backed up only when the time
+    since the last backup is at least ``last backup's cost / budget``; the first epoch always is.
+    A killed run therefore loses at most about ``cost / budget`` seconds of work (25 s for a 1.2 s
+    backup at 5 %) and still resumes to the same number of epochs.
+    """
+
+    def __init__(self, backup_dir: str, budget: float = 0.05, **kwargs: Any) -> None:
+        super().__init__(backup_dir, save_freq="epoch", **kwargs)
+        self.budget = float(budget)
+        self._cost = 0.0
+        self._since = time.perf_counter()
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._since = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._current_epoch = epoch + 1
+        self._last_batch_seen = 0
+        if self._cost <= self.budget * (time.perf_counter() - self._since):
+            t0 = time.perf_counter()
+            self._save_model()
+            self._cost = time.perf_counter() - t0
+            self._since = time.perf_counter()
+
+
+def _restored_epoch(backup_dir: Path) -> int:
+    """The epoch a BackupAndRestore folder will resume from (0 when nothing was backed up)."""
+    meta = backup_dir / "training_metadata.json"
+    try:
+        return int(json.loads(meta.read_text())["epoch"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _truncate_history(history_csv: Path, keep_before: int) -> None:
+    """Drop logged epochs that a resume will run again (backups are not taken every epoch)."""
+    if not history_csv.is_file():
+        return
+    h = pd.read_csv(history_csv)
+    if "epoch" in h and (h["epoch"] >= keep_before).any():
+        atomic_write_text(history_csv, h[h["epoch"] < keep_before].to_csv(index=False))
+
+
 def _callbacks(model_dir: Path, cfg: TrainConfig, phase: str, extra: list | None) -> list:
+    backup = model_dir / "backup" / phase
+    first_epoch = 0 if phase == "phase1" else cfg.epochs
+    _truncate_history(model_dir / "history.csv", max(_restored_epoch(backup), first_epoch))
     cbs: list = [
-        keras.callbacks.BackupAndRestore(str(model_dir / "backup" / phase), delete_checkpoint=True),
+        BudgetedBackupAndRestore(str(backup), delete_checkpoint=True),
         # Weights only: a full .keras file per improvement cost up to 1 s an epoch (measured,
         # BENCHMARKS.md); the model is saved whole once, at the end.
         keras.callbacks.ModelCheckpoint(

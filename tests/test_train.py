@@ -235,3 +235,27 @@ def test_train_rejects_bad_input(tiny_ct_manifest, tmp_path):
     one_class = tiny_ct_manifest[tiny_ct_manifest["label"] == "covid"]
     with pytest.raises(ValueError, match="two classes"):
         train.train(one_class, tmp_path, _cfg(), verbose=0)
+
+
+def test_budgeted_backups_resume_without_duplicate_epochs(tiny_ct_manifest, tmp_path, monkeypatch):
+    """Backups skipped to save time: a resume re-runs the unsaved epochs and logs each once."""
+    init = train.BudgetedBackupAndRestore.__init__
+
+    def tiny_budget(self, backup_dir, budget=0.05, **kw):
+        init(self, backup_dir, budget=1e-12, **kw)  # only the first epoch is ever backed up
+
+    monkeypatch.setattr(train.BudgetedBackupAndRestore, "__init__", tiny_budget)
+    cfg = _cfg(augment=False, epochs=4, patience=100)
+    # 2 batches per epoch: the 7th batch is in epoch 3, after epochs 0-2 were logged.
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_ct_manifest, tmp_path, cfg, verbose=0, extra_callbacks=[train._KillAfter(7)])
+    d = tmp_path / "models" / "SmallCNN"
+    assert len(pd.read_csv(d / "history.csv")) == 3
+    assert train._restored_epoch(d / "backup" / "phase1") == 1
+    counter = _BatchCounter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train.train(tiny_ct_manifest, tmp_path, cfg, verbose=0, extra_callbacks=[counter])
+    assert result.resumed
+    assert counter.batches == 6  # epochs 1, 2, 3 trained (again)
+    assert list(pd.read_csv(d / "history.csv")["epoch"]) == [0, 1, 2, 3]
