@@ -258,10 +258,6 @@ class BudgetedBackupAndRestore(keras.callbacks.BackupAndRestore):
         self._cost = 0.0
         self._since = time.perf_counter()
 
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        self._since = time.perf_counter()
-
     def on_epoch_end(self, epoch, logs=None):
         self._current_epoch = epoch + 1
         self._last_batch_seen = 0
