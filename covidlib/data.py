@@ -91,6 +91,11 @@ def _default_reader(path: str) -> np.ndarray:
     return to_uint8(read_image(path))
 
 
+def read_resized(path: str, size: int) -> np.ndarray:
+    """One image file exactly as the store keeps it: 8-bit gray, padded square, ``size`` px."""
+    return square_resize(_default_reader(path), size)
+
+
 def build_store(
     manifest: pd.DataFrame,
     img_size: int,

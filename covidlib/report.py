@@ -49,13 +49,6 @@ def _with_probs(df: pd.DataFrame, probs: np.ndarray, classes: list[str]) -> pd.D
     return out
 
 
-def _load_image(path: str, size: int) -> np.ndarray:
-    from covidlib.data import square_resize
-    from covidlib.io import read_image, to_uint8
-
-    return square_resize(to_uint8(read_image(path)), size)
-
-
 def evaluate_run(
     run_dir: str | os.PathLike,
     backbones: Sequence[str] = config.CT_BACKBONES,
@@ -156,7 +149,9 @@ def evaluate_run(
         title=f"{vote} vote")
 
     img_size = json.loads((run_dir / "models" / backbones[0] / "config.json").read_text())["img_size"]
-    images = np.stack([_load_image(p, img_size) for p in vote_test["path"]]) if len(vote_test) else None
+    from covidlib.data import read_resized
+
+    images = np.stack([read_resized(p, img_size) for p in vote_test["path"]]) if len(vote_test) else None
     if images is not None:
         figures["grid_vote"] = fig_dir / "test_grid_vote.png"
         plots.plot_prediction_grid(images, y_v, p_v.argmax(axis=1), classes, figures["grid_vote"],
