@@ -478,26 +478,57 @@ def _dct_matrix(n: int) -> np.ndarray:
     return d
 
 
-_BLAS_CTL: Any = None
+_BLAS_LIBS: Any = None
+_WORKSPACE = threading.local()
+
+
+def _blas_libs() -> list:
+    global _BLAS_LIBS
+    if _BLAS_LIBS is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS_LIBS = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+        except Exception:  # threadpoolctl absent or broken: run as is
+            _BLAS_LIBS = []
+    return _BLAS_LIBS
 
 
 @contextmanager
 def _single_thread_blas() -> Iterator[None]:
     """Keep BLAS on one thread: the 8x8 products are far too small to gain from threads, and
-    OpenBLAS threads spinning next to other processes (or our own workers) cost 10x."""
-    global _BLAS_CTL
-    if _BLAS_CTL is None:
-        try:
-            from threadpoolctl import ThreadpoolController
+    OpenBLAS threads spinning next to other processes (or our own workers) cost 10x.
 
-            _BLAS_CTL = ThreadpoolController()
-        except Exception:  # threadpoolctl absent or broken: run as is
-            _BLAS_CTL = False
-    if _BLAS_CTL is False:
+    Talks to the BLAS libraries directly (a C call each, about 1 us) rather than through
+    ``threadpool_limits``, which rescans the loaded libraries every time (about 70 us, a
+    noticeable share of one image's denoising)."""
+    libs = _blas_libs()
+    before = [lib.get_num_threads() for lib in libs]
+    for lib, n in zip(libs, before):
+        if n != 1:
+            lib.set_num_threads(1)
+    try:
         yield
-        return
-    with _BLAS_CTL.limit(limits=1, user_api="blas"):
-        yield
+    finally:
+        for lib, n in zip(libs, before):
+            if n != 1:
+                lib.set_num_threads(n)
+
+
+def _workspace(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A reusable float32 scratch array of ``shape`` (per thread, grown on demand).
+
+    Fresh multi-hundred-kB temporaries per operation made the denoiser several times slower than
+    its arithmetic (allocation, page faults, cache misses); each buffer is now allocated once per
+    thread and reused for every image."""
+    pool = getattr(_WORKSPACE, "pool", None)
+    if pool is None:
+        pool = _WORKSPACE.pool = {}
+    n = math.prod(shape)
+    buf = pool.get(name)
+    if buf is None or buf.size < n:
+        buf = pool[name] = np.empty(max(n, 1 << 16), np.float32)
+    return buf[:n].reshape(shape)
 
 
 def estimate_sigma(img: np.ndarray) -> float:
@@ -574,37 +605,42 @@ def dct_denoise(
     d = _dct_matrix(b)
     dt = np.ascontiguousarray(d.T)
     h, w = img.shape
-    x = cv2.copyMakeBorder(img, b, b, b, b, cv2.BORDER_REFLECT_101).astype(np.float32)
-    hp, wp = x.shape
+    padded = cv2.copyMakeBorder(img, b, b, b, b, cv2.BORDER_REFLECT_101)
+    hp, wp = padded.shape
+    x = _workspace("x", (hp, wp))
+    np.copyto(x, padded)
+    acc = _workspace("acc", (hp, wp))
+    acc.fill(0.0)
     thr = float(3.0 * sigma)
-    acc = np.zeros((hp, wp), np.float32)
     offsets = range(0, b, int(step))
-    # Rows of patches are handled a few at a time so the temporaries stay in the CPU cache:
-    # memory traffic, not arithmetic, is what this costs.
-    chunk = max(1, 128 // b)
     with _single_thread_blas():
         for dx in offsets:
-            nbx = (wp - dx) // b
-            cw = nbx * b
-            t = (np.ascontiguousarray(x[:, dx : dx + cw]).reshape(-1, b) @ dt).reshape(hp, cw)  # DCT along x
-            acc_x = np.zeros((hp, cw), np.float32)
+            cw = ((wp - dx) // b) * b
+            xs = _workspace("xs", (hp, cw))
+            np.copyto(xs, x[:, dx : dx + cw])
+            t = _workspace("t", (hp, cw))
+            np.matmul(xs.reshape(-1, b), dt, out=t.reshape(-1, b))  # DCT along x
+            acc_x = _workspace("acc_x", (hp, cw))
+            acc_x.fill(0.0)
             for dy in offsets:
                 nby = (hp - dy) // b
-                for k0 in range(0, nby, chunk):
-                    nb = min(chunk, nby - k0)
-                    r0, r1 = dy + k0 * b, dy + (k0 + nb) * b
-                    c = np.matmul(d, t[r0:r1].reshape(nb, b, cw))  # DCT along y: 2-D DCT of each patch
-                    dc = c[:, 0, 0::b].copy()
-                    keep = np.abs(c)
-                    k2 = keep.reshape(nb * b, cw)
-                    cv2.threshold(k2, thr, 1.0, cv2.THRESH_BINARY, dst=k2)  # 1 where |c| > 3 sigma
-                    c *= keep
-                    c[:, 0, 0::b] = dc  # the DC term (patch mean) is never thresholded
-                    acc_x[r0:r1] += np.matmul(dt, c).reshape(nb * b, cw)  # inverse along y
+                r0, r1 = dy, dy + nby * b
+                c = _workspace("c", (nby, b, cw))
+                np.matmul(d, t[r0:r1].reshape(nby, b, cw), out=c)  # DCT along y: 2-D DCT of each patch
+                keep = _workspace("keep", (nby, b, cw))
+                np.abs(c, out=keep)
+                k2 = keep.reshape(nby * b, cw)
+                cv2.threshold(k2, thr, 1.0, cv2.THRESH_BINARY, dst=k2)  # 1 where |c| > 3 sigma
+                keep[:, 0, 0::b] = 1.0  # the DC term (patch mean) is never thresholded
+                np.multiply(c, keep, out=c)
+                np.matmul(dt, c, out=keep)  # inverse along y
+                acc_x[r0:r1] += k2
             # the inverse along x is linear and the same for every dy: once per dx on the sum
-            acc[:, dx : dx + cw] += (acc_x.reshape(-1, b) @ d).reshape(hp, cw)
-    out = acc[b : b + h, b : b + w] * np.float32(1.0 / (len(offsets) ** 2))
-    return np.clip(np.rint(out), 0, _max_value(img)).astype(img.dtype)
+            np.matmul(acc_x.reshape(-1, b), d, out=xs.reshape(-1, b))
+            acc[:, dx : dx + cw] += xs
+    # scale, round to nearest and saturate to the input's type in one pass
+    depth = cv2.CV_8U if img.dtype == np.uint8 else cv2.CV_16U
+    return cv2.multiply(acc[b : b + h, b : b + w], 1.0 / (len(offsets) ** 2), dtype=depth)
 
 
 # --------------------------------------------------------------------------------------------
@@ -883,38 +919,100 @@ def _progress_bar(total: int, enabled: bool, desc: str):
     return tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True)
 
 
+_POOL_LOCK = threading.Lock()
+_POOL: tuple[int, ProcessPoolExecutor] | None = None
+
+
+def _shared_pool(workers: int) -> ProcessPoolExecutor:
+    """The worker pool, kept between batch passes of this process.
+
+    Starting workers costs tens of milliseconds per pass (more on a cold fork server); notebook 02
+    and the benchmark run several passes in a row, so the pool is reused while its size is the
+    same. A broken pool (a worker died) is replaced; the interpreter's exit shuts it down."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is not None and (_POOL[0] != workers or getattr(_POOL[1], "_broken", False)):
+            _POOL[1].shutdown(wait=False, cancel_futures=True)
+            _POOL = None
+        if _POOL is None:
+            _POOL = (workers, ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(), initializer=_worker_init))
+        return _POOL[1]
+
+
+def _discard_pool() -> None:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is not None:
+            _POOL[1].shutdown(wait=False, cancel_futures=True)
+            _POOL = None
+
+
+def _chunk_sizes(n: int, workers: int) -> list[int]:
+    """Guided scheduling: big chunks first (few round trips), shrinking to single images at the
+    end so no worker sits idle while another finishes a long chunk."""
+    sizes = []
+    left = n
+    while left > 0:
+        size = max(1, min(64, left // (workers * 4)))
+        sizes.append(size)
+        left -= size
+    return sizes
+
+
 def _execute(tasks: list[tuple], steps, params, workers: int, progress: bool) -> list[tuple]:
     results: list[tuple | None] = [None] * len(tasks)
     bar = _progress_bar(len(tasks), progress and len(tasks) > 0, "enhance")
     try:
         if workers <= 1 or len(tasks) <= 1:
-            for i, t in enumerate(tasks):
-                results[i] = _process_chunk([t], steps, params)[0]
-                if bar is not None:
-                    bar.update(1)
+            with _single_thread_blas():
+                for i, t in enumerate(tasks):
+                    results[i] = _process_chunk([t], steps, params)[0]
+                    if bar is not None:
+                        bar.update(1)
         else:
-            # Chunks amortise inter-process overhead; ~8 chunks per worker keep the load balanced.
-            size = max(1, min(64, math.ceil(len(tasks) / (workers * 8))))
-            chunks = [(i, tasks[i : i + size]) for i in range(0, len(tasks), size)]
-            with _main_not_reimported(), ProcessPoolExecutor(
-                max_workers=workers, mp_context=_pool_context(), initializer=_worker_init
-            ) as ex:
-                futs = {ex.submit(_process_chunk, c, steps, params): (i, len(c)) for i, c in chunks}
-                try:
-                    for fut in as_completed(futs):
-                        i, n = futs[fut]
-                        results[i : i + n] = fut.result()
-                        if bar is not None:
-                            bar.update(n)
-                except BrokenProcessPool as e:
-                    raise RuntimeError(
-                        f"an enhancement worker process died ({e}); this is not caused by a bad image "
-                        "(those are reported per file). Re-run with workers=1 to see the error in this process."
-                    ) from e
-                except BaseException:
-                    for f in futs:
-                        f.cancel()
-                    raise
+            chunks = []
+            i = 0
+            for size in _chunk_sizes(len(tasks), workers):
+                chunks.append((i, tasks[i : i + size]))
+                i += size
+            futs = {}
+            try:
+                # Workers start on demand at submit time: keep the caller's __main__ hidden then.
+                with _main_not_reimported():
+                    ex = _shared_pool(workers)
+                    try:
+                        first = ex.submit(_process_chunk, chunks[0][1], steps, params)
+                    except BrokenProcessPool:
+                        # a worker of the kept pool died while idle (OOM killer, a kill): start afresh
+                        _discard_pool()
+                        ex = _shared_pool(workers)
+                        first = ex.submit(_process_chunk, chunks[0][1], steps, params)
+                    futs[first] = (0, len(chunks[0][1]))
+                    for i, c in chunks[1:]:
+                        futs[ex.submit(_process_chunk, c, steps, params)] = (i, len(c))
+                for fut in as_completed(futs):
+                    i, n = futs[fut]
+                    results[i : i + n] = fut.result()
+                    if bar is not None:
+                        bar.update(n)
+            except BrokenProcessPool as e:
+                _discard_pool()
+                raise RuntimeError(
+                    f"an enhancement worker process died ({e}); this is not caused by a bad image "
+                    "(those are reported per file). Re-run with workers=1 to see the error in this process."
+                ) from e
+            except BaseException:
+                # Interrupted: drop what has not started, then wait for the running chunks so no
+                # worker is still writing into dst when this returns.
+                for f in futs:
+                    f.cancel()
+                for f in futs:
+                    if not f.cancelled():
+                        try:
+                            f.result()
+                        except BaseException:
+                            pass
+                raise
     finally:
         if bar is not None:
             bar.close()

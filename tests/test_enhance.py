@@ -268,6 +268,53 @@ def test_dct_denoise_raises_psnr_and_is_not_identity():
     assert psnr(E.dct_denoise(noisy, 15, step=1), clean8) >= psnr(E.dct_denoise(noisy, 15), clean8) - 0.1
 
 
+def reference_dct_denoise(img: np.ndarray, sigma: float, block: int = 8, step: int = 4) -> np.ndarray:
+    """The algorithm written out patch by patch (float64): every block x block patch on each grid
+    shifted by step, 2-D DCT, hard threshold at 3 sigma keeping the DC term, inverse, average."""
+    b = block
+    k = np.arange(b)[:, None]
+    d = np.sqrt(2.0 / b) * np.cos(np.pi * (2 * np.arange(b)[None, :] + 1) * k / (2 * b))
+    d[0] /= np.sqrt(2.0)
+    x = cv2.copyMakeBorder(img, b, b, b, b, cv2.BORDER_REFLECT_101).astype(np.float64)
+    acc = np.zeros_like(x)
+    for dy in range(0, b, step):
+        for dx in range(0, b, step):
+            for y in range(dy, x.shape[0] - b + 1, b):
+                for xx in range(dx, x.shape[1] - b + 1, b):
+                    c = d @ x[y : y + b, xx : xx + b] @ d.T
+                    dc = c[0, 0]
+                    c[np.abs(c) <= 3 * sigma] = 0
+                    c[0, 0] = dc
+                    acc[y : y + b, xx : xx + b] += d.T @ c @ d
+    out = acc[b:-b, b:-b] / (len(range(0, b, step)) ** 2)
+    return np.clip(np.rint(out), 0, np.iinfo(img.dtype).max).astype(img.dtype)
+
+
+@pytest.mark.parametrize("shape,step", [((40, 56), 4), ((37, 29), 2), ((24, 24), 8), ((19, 33), 1)])
+def test_dct_denoise_matches_patch_by_patch_reference(shape, step):
+    rng = np.random.default_rng(sum(shape) + step)
+    clean = cv2.resize(smooth_image(64), shape[::-1])
+    noisy = np.clip(np.rint(clean + rng.normal(0, 12, clean.shape)), 0, 255).astype(np.uint8)
+    ours = E.dct_denoise(noisy, sigma=12.0, step=step)
+    ref = reference_dct_denoise(noisy, 12.0, step=step)
+    diff = np.abs(ours.astype(int) - ref)
+    # float32 vs float64: a coefficient within rounding of the threshold may fall either way
+    assert diff.max() <= 2 and np.mean(diff > 0) < 0.02
+
+
+def test_dct_denoise_reuses_scratch_buffers_safely():
+    # the scratch buffers are reused across calls: a big image then a small one then the big one
+    # again must give exactly what a fresh call gives
+    rng = np.random.default_rng(9)
+    big = rng.integers(0, 256, (200, 150)).astype(np.uint8)
+    small = rng.integers(0, 256, (17, 23)).astype(np.uint8)
+    a = E.dct_denoise(big, sigma=20.0)
+    b_small = E.dct_denoise(small, sigma=20.0)
+    assert np.array_equal(E.dct_denoise(big, sigma=20.0), a)
+    assert np.array_equal(E.dct_denoise(small, sigma=20.0), b_small)
+    assert np.abs(b_small.astype(int) - reference_dct_denoise(small, 20.0)).max() <= 2
+
+
 def test_estimate_sigma():
     clean = smooth_image(256)
     for sigma in (3.0, 10.0, 25.0):
@@ -454,6 +501,36 @@ def test_enhance_tree_same_bytes_with_one_and_two_workers(tmp_path):
     s2 = E.enhance_tree(src, tmp_path / "w2", pipeline="crop+dct+wb+clahe", workers=2, progress=False)
     assert s1["written"] == s2["written"] == 12 and s2["workers"] == 2
     assert tree_hash(tmp_path / "w1") == tree_hash(tmp_path / "w2")
+
+
+def test_chunk_sizes_cover_all_tasks_and_shrink_to_single_images():
+    for n, w in [(1, 2), (7, 2), (200, 2), (5000, 8)]:
+        sizes = E._chunk_sizes(n, w)
+        assert sum(sizes) == n and all(1 <= s <= 64 for s in sizes)
+        assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 1
+
+
+def test_worker_pool_is_kept_and_replaced_when_a_worker_dies(tmp_path):
+    import signal
+    import time
+
+    src = tmp_path / "src"
+    make_tree(src)
+    ref = E.enhance_tree(src, tmp_path / "w1", workers=1, progress=False)
+    E.enhance_tree(src, tmp_path / "a", workers=2, progress=False)
+    pool = E._POOL[1]
+    E.enhance_tree(src, tmp_path / "b", workers=2, progress=False)
+    assert E._POOL[1] is pool  # the second pass reused the workers
+    # a worker killed while the pool is idle: the next pass starts a fresh pool and succeeds
+    for proc in list(pool._processes.values()):
+        os.kill(proc.pid, signal.SIGKILL)
+    deadline = time.time() + 10
+    while not getattr(pool, "_broken", False) and time.time() < deadline:
+        time.sleep(0.05)
+    s = E.enhance_tree(src, tmp_path / "c", workers=2, progress=False)
+    assert s["written"] == ref["written"] and s["n_failed"] == 0
+    assert E._POOL[1] is not pool
+    assert tree_hash(tmp_path / "c") == tree_hash(tmp_path / "w1") == tree_hash(tmp_path / "a")
 
 
 def test_enhance_tree_dst_inside_src_and_name_collisions(tmp_path):
