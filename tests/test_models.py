@@ -111,7 +111,65 @@ def test_augment_block_has_no_random_shear(built):
     aug = built("SmallCNN").get_layer("augment")
     kinds = {type(l).__name__ for l in aug.layers}
     assert "RandomShear" not in kinds
-    assert {"RandomFlip", "RandomRotation", "RandomZoom"} <= kinds
+    assert {"RandomAffine", "RandomContrast"} <= kinds
+
+
+def _dots(n: int = 32) -> np.ndarray:
+    x = np.zeros((n, S, S, 1), "float32")
+    x[:, 10:14, 4:9] = 200.0  # off-centre block: a mirror image is different
+    x[:, 20, 25] = 90.0
+    return x
+
+
+def test_random_affine_is_identity_at_inference_and_seeded_in_training():
+    x = _dots()
+    layer = models.RandomAffine(seed=3)
+    np.testing.assert_array_equal(np.asarray(layer(x)), x)  # default: inference
+    np.testing.assert_array_equal(np.asarray(layer(x, training=False)), x)
+    a = np.asarray(models.RandomAffine(seed=3)(x, training=True))
+    b = np.asarray(models.RandomAffine(seed=3)(x, training=True))
+    np.testing.assert_array_equal(a, b)  # same seed, same draws
+    assert a.shape == x.shape and a.min() >= 0.0 and a.max() <= 200.0 + 1e-3
+    changed = [not np.allclose(a[i], x[i], atol=1e-3) for i in range(len(x))]
+    assert all(changed)  # every image moved (continuous draws)
+    c = np.asarray(layer(x, training=True))
+    d = np.asarray(layer(x, training=True))
+    assert not np.allclose(c, d)  # a new draw per call
+
+
+def test_random_affine_flip_only_mirrors_half_of_the_images():
+    x = _dots(64)
+    out = np.asarray(models.RandomAffine(0.0, 0.0, 0.0, horizontal_flip=True, seed=0)(x, training=True))
+    same = [np.allclose(o, i, atol=1e-3) for o, i in zip(out, x)]
+    mirrored = [np.allclose(o, i[:, ::-1], atol=1e-3) for o, i in zip(out, x)]
+    assert all(s or m for s, m in zip(same, mirrored))
+    assert 16 <= sum(mirrored) <= 48
+
+
+def test_random_affine_geometry_zoom_and_shift_keep_the_centre_and_move_content():
+    x = np.zeros((16, S, S, 1), "float32")
+    x[:, 15:17, 15:17] = 255.0  # the centre 2x2
+    zoom = np.asarray(models.RandomAffine(0.0, 0.5, 0.0, horizontal_flip=False, seed=1)(x, training=True))
+    assert (zoom[:, 15:17, 15:17, 0] > 100).all()  # scaling about the centre keeps the centre
+    y = np.zeros((64, S, S, 1), "float32")
+    y[:, :, 16:] = 255.0  # right half bright
+    shift = np.asarray(models.RandomAffine(0.0, 0.0, 0.25, horizontal_flip=False, seed=2)(y, training=True))
+    # a pure translation moves the vertical edge by up to 25 % of the width, differently per image
+    edge = np.argmax(shift[:, S // 2, :, 0] > 127, axis=1)
+    assert (np.abs(edge - 16) <= 0.25 * S + 1).all() and np.ptp(edge) >= 6
+    with pytest.raises(ValueError, match="zoom"):
+        models.RandomAffine(zoom=2.0)
+
+
+def test_random_affine_survives_save_load(tmp_path):
+    inp = keras.Input((S, S, 1))
+    m = keras.Model(inp, models.RandomAffine(0.1, 0.2, 0.1, seed=5, name="aff")(inp))
+    m.save(tmp_path / "a.keras")
+    loaded = models.load_model(tmp_path / "a.keras")
+    layer = loaded.get_layer("aff")
+    assert (layer.rotation, layer.zoom, layer.translation, layer.seed) == (0.1, 0.2, 0.1, 5)
+    x = _dots(4)
+    np.testing.assert_array_equal(np.asarray(loaded(x)), x)
 
 
 @pytest.mark.parametrize("name", CORE)
