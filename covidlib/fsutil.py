@@ -9,23 +9,34 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, suffix: str = ".tmp") -> Path:
-    """Write ``data`` to ``path`` atomically (parent folders created); return the path."""
+@contextmanager
+def atomic_open(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[BinaryIO]:
+    """A binary file handle whose content appears at ``path`` only if the block completes.
+
+    For writers that stream into a file (``np.savez``) instead of building the bytes first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}{suffix}")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            yield fh
         os.replace(tmp, path)
     except BaseException:
         if tmp.exists():
             tmp.unlink()
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, suffix: str = ".tmp") -> Path:
+    """Write ``data`` to ``path`` atomically (parent folders created); return the path."""
+    with atomic_open(path, suffix=suffix) as fh:
+        fh.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -2,7 +2,8 @@
 
 Keras picks its backend once per process (``KERAS_BACKEND``), so each backend runs in its own
 subprocess: build a SmallCNN with :func:`covidlib.models.build_model`, train one epoch on a
-tiny synthetic store through :class:`covidlib.data.ArrayLoader`, predict. A backend whose
+tiny synthetic store through :class:`covidlib.data.ArrayLoader`, predict; then run
+:func:`covidlib.train.train` end to end (augmentation, every callback, saving). A backend whose
 package is not installed (e.g. ``jax``) is skipped, not failed.
 """
 from __future__ import annotations
@@ -52,7 +53,13 @@ model = build_model("SmallCNN", len(classes), 48, augment=True, seed=0)
 model.compile(optimizer="adam", loss="categorical_crossentropy")
 history = model.fit(loader, epochs=1, verbose=0)
 probs = np.asarray(model.predict(np.asarray(store.images)[..., None], verbose=0))
+# and the whole of covidlib.train.train: loaders, augmentation, every callback, saving
+from covidlib import train as T
+run = T.train(manifest, os.path.join(tmp, "run"), T.TrainConfig(
+    backbone="SmallCNN", img_size=48, epochs=2, batch_size=6, tensorboard=False, seed=0), verbose=0)
 print("RESULT " + json.dumps({
+    "train_epochs": int(len(run.history)),
+    "train_files": sorted(p.name for p in run.model_dir.iterdir()),
     "backend": keras.backend.backend(), "n": int(len(store.images)), "classes": classes,
     "loss": float(history.history["loss"][-1]), "shape": list(probs.shape),
     "sums": probs.sum(axis=1).astype(float).tolist(), "finite": bool(np.isfinite(probs).all()),
@@ -87,3 +94,6 @@ def test_train_one_epoch_on_backend(backend: str, tmp_path: Path) -> None:
     assert res["shape"] == [res["n"], 3]
     assert res["finite"]
     assert all(abs(s - 1.0) < 1e-4 for s in res["sums"])
+    assert res["train_epochs"] == 2
+    assert {"model.keras", "best.weights.npz", "history.csv", "predictions_test.csv",
+            "done.json"} <= set(res["train_files"])

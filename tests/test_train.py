@@ -252,6 +252,8 @@ def test_budgeted_backups_resume_without_duplicate_epochs(tiny_ct_manifest, tmp_
     d = tmp_path / "models" / "SmallCNN"
     assert len(pd.read_csv(d / "history.csv")) == 3
     assert train._restored_epoch(d / "backup" / "phase1") == 1
+    # the best weights went to disk with the (only) backup, so they belong to the kept history
+    assert (d / train.BEST_WEIGHTS).is_file()
     counter = _BatchCounter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -259,3 +261,79 @@ def test_budgeted_backups_resume_without_duplicate_epochs(tiny_ct_manifest, tmp_
     assert result.resumed
     assert counter.batches == 6  # epochs 1, 2, 3 trained (again)
     assert list(pd.read_csv(d / "history.csv")["epoch"]) == [0, 1, 2, 3]
+
+
+def test_best_weights_keeps_the_best_epoch_and_writes_only_on_flush(tmp_path):
+    inp = keras.Input((3,))
+    model = keras.Model(inp, keras.layers.Dense(2, name="d")(inp))
+    path = tmp_path / "best.weights.npz"
+    cb = train.BestWeights(path, monitor="val_auc", mode="max", initial_value_threshold=0.55)
+    cb.set_model(model)
+    kernels = {}
+    for epoch, auc in enumerate([0.5, 0.7, 0.9, 0.8, float("nan")]):
+        model.get_layer("d").kernel.assign(np.full((3, 2), float(epoch), "float32"))
+        kernels[epoch] = np.asarray(model.get_layer("d").kernel)
+        cb.on_epoch_end(epoch, {"val_auc": auc})
+        assert not path.exists()  # improvements stay in memory until a flush
+    assert cb.best_epoch == 2  # 0.5 is below the threshold a resumed run starts from
+    cb.on_train_end()
+    fresh = keras.Model(inp, keras.layers.Dense(2, name="d")(inp))
+    train.load_best_weights(fresh, path)
+    np.testing.assert_array_equal(np.asarray(fresh.get_layer("d").kernel), kernels[2])
+    mtime = path.stat().st_mtime_ns
+    cb.flush()  # nothing pending: no rewrite
+    assert path.stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="mode"):
+        train.BestWeights(path, mode="maximum")
+
+
+def test_epoch_tensorboard_writes_train_and_validation_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    inp = keras.Input((3,))
+    model = keras.Model(inp, keras.layers.Dense(2)(inp))
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    cb = train.EpochTensorBoard(tmp_path / "logs")
+    cb.set_model(model)
+    for epoch in range(3):
+        cb.on_epoch_end(epoch, {"loss": 1.0 / (epoch + 1), "val_loss": 2.0 + epoch, "val_auc": 0.5})
+    cb.on_train_end()
+
+    def read(run):
+        acc = EventAccumulator(str(tmp_path / "logs" / run))
+        acc.Reload()
+        return {tag: [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+                for tag in acc.Tags()["tensors"]}
+
+    tr, va = read("train"), read("validation")
+    assert [v for _, v in tr["epoch_loss"]] == pytest.approx([1.0, 0.5, 1 / 3])
+    assert [s for s, _ in tr["epoch_loss"]] == [0, 1, 2]
+    assert tr["epoch_learning_rate"][0][1] == pytest.approx(0.01)
+    assert [v for _, v in va["epoch_loss"]] == pytest.approx([2.0, 3.0, 4.0])
+    assert "epoch_auc" in va and "epoch_val_auc" not in va
+
+
+def test_backup_budget_counts_training_time_only(tmp_path, monkeypatch):
+    class Clock:
+        t = 0.0
+
+        def perf_counter(self):
+            return self.t
+
+    clock = Clock()
+    monkeypatch.setattr(train, "time", clock)
+    cb = train.BudgetedBackupAndRestore(str(tmp_path / "b"), budget=0.05)
+    saved = []
+
+    def fake_save():
+        saved.append(cb._current_epoch - 1)
+        clock.t += 0.09  # each backup costs 0.09 s: at 5 % it needs 1.8 s of training in between
+
+    cb._save_model = fake_save
+    for epoch in range(7):
+        cb.on_epoch_begin(epoch)
+        clock.t += 1.0  # one second of training
+        cb.on_epoch_end(epoch)
+        clock.t += 100.0  # long pauses outside training (other fits, a notebook idle) do not count
+    assert saved == [0, 2, 4, 6]
