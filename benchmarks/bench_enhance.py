@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_enhance.py                      # 200 CT images from the default folder
+    python benchmarks/bench_enhance.py                      # 400 CT images from the default folder
     python benchmarks/bench_enhance.py --data DIR --n 200   # any folder of images (any depth)
     python benchmarks/bench_enhance.py --write BENCHMARKS.md
 
@@ -247,7 +247,7 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=DEFAULT_DATA, help="folder of images, any depth (default: %(default)s)")
-    ap.add_argument("--n", type=int, default=200, help="number of images (default: %(default)s)")
+    ap.add_argument("--n", type=int, default=400, help="number of images (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per method (median; default: %(default)s)")
     ap.add_argument("--batch-repeats", type=int, default=5, help="timed batch passes per worker count (median; default: %(default)s)")
     ap.add_argument("--write", metavar="MD", help="write the results into the Enhancement section of this file")
