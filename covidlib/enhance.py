@@ -850,6 +850,11 @@ def _process_chunk(chunk: list[tuple], steps: Sequence[str], params: dict[str, A
 
 
 def _worker_init() -> None:
+    # Ctrl-C (SIGINT to the whole process group) is the caller's to handle: it cancels the pass
+    # and waits for running chunks. Kept-alive workers would otherwise die with a traceback each.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One process per core: no nested OpenCV / BLAS threads fighting over the same cores.
     cv2.setNumThreads(1)
     try:

@@ -566,6 +566,7 @@ def train(
         phase1_weights.unlink()
     history = pd.read_csv(model_dir / "history.csv")
     atomic_write_text(done_marker, json.dumps({"epochs_run": len(history)}))
+    shutil.rmtree(model_dir / "backup", ignore_errors=True)  # a finished run resumes nothing
     return TrainResult(model_dir, classes, history, final, resumed=in_progress)
 
 

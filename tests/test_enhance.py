@@ -603,3 +603,41 @@ def test_worker_start_hides_and_restores_main_module():
     with E._main_not_reimported():
         assert main.__spec__ is None and not hasattr(main, "__file__")
     assert (getattr(main, "__spec__", None), getattr(main, "__file__", None)) == before
+
+
+def test_ctrl_c_reaches_the_caller_not_the_kept_workers(tmp_path):
+    """SIGINT to the process group (Ctrl-C in a terminal, papermill stopping a kernel) must not
+    kill the idle kept workers with a traceback each: the caller handles it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "src"
+    make_tree(src)
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, time\n"
+        "from covidlib import enhance as E\n"
+        f"E.enhance_tree({str(src)!r}, {str(tmp_path / 'out')!r}, workers=2, progress=False)\n"
+        "print('PASS DONE', flush=True)\n"
+        "try:\n"
+        "    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('CALLER INTERRUPTED', flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    lines = []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "PASS DONE" in line or not line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    out = "".join(lines) + out
+    assert "PASS DONE" in out and "CALLER INTERRUPTED" in out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out

@@ -205,6 +205,7 @@ def test_killed_run_resumes_to_the_planned_epochs(tiny_ct_manifest, tmp_path):
     assert len(hist) == cfg.epochs
     assert list(hist["epoch"]) == [0, 1]
     assert (d / "model.keras").is_file() and (d / "done.json").is_file()
+    assert not (d / "backup").exists()  # nothing left to resume
 
 
 def test_same_seed_gives_identical_predictions(finished_run, tiny_ct_manifest_session, tmp_path):
