@@ -480,6 +480,7 @@ def _dct_matrix(n: int) -> np.ndarray:
 
 _BLAS_LIBS: Any = None
 _WORKSPACE = threading.local()
+_WORKSPACE_KEEP = 1 << 22  # 4 Mi float32 = 16 MB per buffer (a 2k x 2k image)
 
 
 def _blas_libs() -> list:
@@ -520,11 +521,15 @@ def _workspace(name: str, shape: tuple[int, ...]) -> np.ndarray:
 
     Fresh multi-hundred-kB temporaries per operation made the denoiser several times slower than
     its arithmetic (allocation, page faults, cache misses); each buffer is now allocated once per
-    thread and reused for every image."""
+    thread and reused for every image. Buffers above ``_WORKSPACE_KEEP`` elements (images much
+    larger than a CT slice, e.g. a 4k X-ray) are not kept, so a worker does not hold hundreds of
+    MB after one big image."""
+    n = math.prod(shape)
+    if n > _WORKSPACE_KEEP:
+        return np.empty(shape, np.float32)
     pool = getattr(_WORKSPACE, "pool", None)
     if pool is None:
         pool = _WORKSPACE.pool = {}
-    n = math.prod(shape)
     buf = pool.get(name)
     if buf is None or buf.size < n:
         buf = pool[name] = np.empty(max(n, 1 << 16), np.float32)

@@ -302,7 +302,7 @@ def test_dct_denoise_matches_patch_by_patch_reference(shape, step):
     assert diff.max() <= 2 and np.mean(diff > 0) < 0.02
 
 
-def test_dct_denoise_reuses_scratch_buffers_safely():
+def test_dct_denoise_reuses_scratch_buffers_safely(monkeypatch):
     # the scratch buffers are reused across calls: a big image then a small one then the big one
     # again must give exactly what a fresh call gives
     rng = np.random.default_rng(9)
@@ -312,6 +312,11 @@ def test_dct_denoise_reuses_scratch_buffers_safely():
     b_small = E.dct_denoise(small, sigma=20.0)
     assert np.array_equal(E.dct_denoise(big, sigma=20.0), a)
     assert np.array_equal(E.dct_denoise(small, sigma=20.0), b_small)
+    # above the keep limit the buffers are temporaries: same result, nothing retained
+    monkeypatch.setattr(E, "_WORKSPACE_KEEP", 100)
+    monkeypatch.setattr(E._WORKSPACE, "pool", {})
+    assert np.array_equal(E.dct_denoise(big, sigma=20.0), a)
+    assert not E._WORKSPACE.pool
     assert np.abs(b_small.astype(int) - reference_dct_denoise(small, 20.0)).max() <= 2
 
 
