@@ -1,6 +1,7 @@
 """Tests for covidlib.io: every file is written by the test itself into tmp_path."""
 from __future__ import annotations
 
+import os
 import warnings
 
 import cv2
@@ -297,3 +298,24 @@ def test_specific_reasons(tmp_path):
     assert "no pixel data" in reason("dicom_no_pixels.dcm")
     assert "not a DICOM" in reason("not_dicom.dcm")
     assert "broken symbolic link" in reason("broken_link.png")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+def test_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
+    # read_image opens the file itself: a pipe must be reported, not waited on for a writer
+    p = tmp_path / "pipe.png"
+    os.mkfifo(p)
+    with pytest.raises(cio.ImageReadError, match="not a regular file"):
+        cio.read_image(p)
+
+
+def test_colour_jpeg_decodes_to_the_same_gray_as_a_colour_decode(tmp_path):
+    # read_image decodes JPEG straight to luma; it must agree with decode-to-BGR + cvtColor
+    rng = np.random.default_rng(1)
+    bgr = cv2.GaussianBlur(rng.integers(0, 256, (96, 80, 3), dtype=np.uint8), (7, 7), 0)
+    p = tmp_path / "colour.jpg"
+    p.write_bytes(cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
+    expected = cv2.cvtColor(cv2.imdecode(np.fromfile(p, np.uint8), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGR2GRAY)
+    out = cio.read_image(p)
+    assert out.shape == (96, 80) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - expected).max() <= 1

@@ -1,0 +1,75 @@
+"""Atomic writes: all or nothing under the final name, parents made, umask respected."""
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from covidlib import fsutil
+
+
+def test_writes_bytes_and_buffers_and_makes_parents(tmp_path):
+    p = tmp_path / "a" / "b" / "out.bin"
+    assert fsutil.atomic_write_bytes(p, b"hello") == p
+    assert p.read_bytes() == b"hello"
+    arr = np.arange(10, dtype=np.uint16)  # any buffer, written as its raw bytes
+    fsutil.atomic_write_bytes(p, arr)
+    assert p.read_bytes() == arr.tobytes()
+    assert sorted(os.listdir(p.parent)) == ["out.bin"]  # no temporary file left
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_permissions_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        p = fsutil.atomic_write_bytes(tmp_path / "x.txt", b"x")
+    finally:
+        os.umask(old)
+    assert (p.stat().st_mode & 0o777) == 0o640
+
+
+def test_failed_replace_leaves_old_file_and_no_temporary(tmp_path, monkeypatch):
+    p = tmp_path / "keep.txt"
+    p.write_bytes(b"old")
+
+    def boom(src, dst):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(fsutil.os, "replace", boom)
+    with pytest.raises(OSError, match="disk went away"):
+        fsutil.atomic_write_bytes(p, b"new")
+    assert p.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["keep.txt"]
+
+
+def test_temporary_names_are_unique_across_threads(tmp_path):
+    names: list[str] = []
+    lock = threading.Lock()
+
+    def grab():
+        mine = [fsutil._tmp_path(str(tmp_path / "f.png"), ".tmp") for _ in range(500)]
+        with lock:
+            names.extend(mine)
+
+    threads = [threading.Thread(target=grab) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(names)) == len(names) == 2000
+    assert all(os.path.basename(n).startswith(".f.png.") for n in names)
+
+
+def test_atomic_open_streams_and_cleans_up_on_error(tmp_path):
+    p = tmp_path / "s" / "w.npz"
+    with fsutil.atomic_open(p) as fh:
+        np.savez(fh, a=np.ones(3))
+    assert np.load(p)["a"].sum() == 3
+    with pytest.raises(RuntimeError):
+        with fsutil.atomic_open(p) as fh:
+            fh.write(b"partial")
+            raise RuntimeError("stop")
+    assert np.load(p)["a"].sum() == 3
+    assert os.listdir(p.parent) == ["w.npz"]
