@@ -29,6 +29,7 @@ import datetime as _dt
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import sys
@@ -370,9 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     print(notes)
 
     if args.write:
-        cmd = "python benchmarks/bench_enhance.py" + "".join(
-            f" {a}" for a in (argv if argv is not None else sys.argv[1:])
-        )
+        cmd = "python benchmarks/bench_enhance.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         section = (
             "## Enhancement\n\n"
             f"Command: `{cmd.strip()}`  \n"

@@ -26,6 +26,7 @@ import argparse
 import datetime as _dt
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import sys
@@ -262,8 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(notes)
     if args.write:
-        cmd = "python benchmarks/bench_input_pipeline.py" + "".join(
-            f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+        cmd = "python benchmarks/bench_input_pipeline.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         section = (
             f"{SECTION}\n\n"
             f"Command: `{cmd.strip()}`  \n"

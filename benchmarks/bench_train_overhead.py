@@ -36,6 +36,7 @@ import argparse
 import datetime as _dt
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import sys
@@ -442,8 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         from bench_input_pipeline import write_section
 
-        cmd = " ".join(["python benchmarks/bench_train_overhead.py",
-                        *(argv if argv is not None else sys.argv[1:])])
+        cmd = "python benchmarks/bench_train_overhead.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         if os.environ.get("KERAS_BACKEND"):
             cmd = f"KERAS_BACKEND={os.environ['KERAS_BACKEND']} {cmd}"
         heading = f"## {args.section}"

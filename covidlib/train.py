@@ -400,6 +400,12 @@ class BudgetedBackupAndRestore(keras.callbacks.BackupAndRestore):
             self._cost = time.perf_counter() - t0
             self._trained = 0.0
 
+    # Backups are taken at epoch ends only. BackupAndRestore's batch hook (for an integer
+    # save_freq) would make Keras treat this callback as unsafe for asynchronous dispatch and
+    # pull every step's logs back to the host: a device sync per step, so on a GPU the input
+    # pipeline no longer overlapped the compute (ours / bare 0.78 -> see BENCHMARKS.md, GPU).
+    on_train_batch_end = keras.callbacks.Callback.on_train_batch_end
+
 
 def _restored_epoch(backup_dir: Path) -> int:
     """The epoch a BackupAndRestore folder will resume from (0 when nothing was backed up)."""

@@ -338,3 +338,20 @@ def test_backup_budget_counts_training_time_only(tmp_path, monkeypatch):
         cb.on_epoch_end(epoch)
         clock.t += 100.0  # long pauses outside training (other fits, a notebook idle) do not count
     assert saved == [0, 2, 4, 6]
+
+
+@pytest.mark.parametrize("tensorboard", [False, True])
+def test_callbacks_keep_keras_asynchronous_step_dispatch(tmp_path, tensorboard):
+    # A callback with a batch-end hook makes Keras fetch every step's logs to the host (a device
+    # sync per step): on a GPU the loader then stops overlapping the compute. Ours use epoch hooks.
+    import keras
+    from keras.src import utils as kutils
+
+    cfg = _cfg(tensorboard=tensorboard)
+    cbs = train._callbacks(tmp_path / "m", cfg, "phase1", None)
+    for cb in cbs:
+        for hook in ("on_batch_end", "on_train_batch_end", "on_test_batch_end"):
+            assert kutils.is_default(getattr(type(cb), hook)), f"{type(cb).__name__}.{hook} is overridden"
+    if keras.src.backend.IS_THREAD_SAFE:
+        cl = keras.callbacks.CallbackList(cbs, add_history=True, add_progbar=False)
+        assert cl._async_train and cl._async_test
