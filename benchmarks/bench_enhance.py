@@ -25,11 +25,9 @@ temporary folder and writes there.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import hashlib
 import os
 import platform
-import shlex
 import shutil
 import statistics
 import sys
@@ -371,13 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     print(notes)
 
     if args.write:
-        cmd = "python benchmarks/bench_enhance.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+        from _machine import section_header, write_section
+
+        argv_used = argv if argv is not None else sys.argv[1:]
         section = (
-            "## Enhancement\n\n"
-            f"Command: `{cmd.strip()}`  \n"
-            f"Date: {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}  \n"
-            f"Machine: {machine()}  \n"
-            f"Data: {len(paths)} images from `{args.data}` (512 x 512 CT JPEGs there; point `--data` at any "
+            section_header("## Enhancement", "bench_enhance.py", argv_used, machine())
+            + f"Data: {len(paths)} images from `{args.data}` (512 x 512 CT JPEGs there; point `--data` at any "
             "folder of images). Median of "
             f"{args.repeats} timed passes over all images after a warm-up pass (methods interleaved image by image); "
             "single-core rows run with "
@@ -385,24 +382,9 @@ def main(argv: list[str] | None = None) -> int:
             "OpenBLAS uses a second core.\n\n"
             f"{table}\n\n{notes}\n"
         )
-        write_section(Path(args.write), section)
+        write_section(Path(args.write), "## Enhancement", section)
         print(f"\nwrote the Enhancement section of {args.write}")
     return 0
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the ``## Enhancement`` section, keeping every other section."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.strip() == "## Enhancement"), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "".join(lines[:start]) + section + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

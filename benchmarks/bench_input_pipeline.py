@@ -23,10 +23,8 @@ images: the store lives in a temporary folder that is deleted afterwards.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import os
 import platform
-import shlex
 import shutil
 import statistics
 import sys
@@ -263,36 +261,18 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(notes)
     if args.write:
-        cmd = "python benchmarks/bench_input_pipeline.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+        from _machine import section_header, write_section
+
+        argv_used = argv if argv is not None else sys.argv[1:]
         section = (
-            f"{SECTION}\n\n"
-            f"Command: `{cmd.strip()}`  \n"
-            f"Date: {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}  \n"
-            f"Machine: {machine()}  \n"
-            f"Data: {n} images from `{args.data}` (CT slices, folders COVID / NonCOVID, mostly 512 x 512 JPEGs; "
+            section_header(SECTION, "bench_input_pipeline.py", argv_used, machine(), env=("KERAS_BACKEND",))
+            + f"Data: {n} images from `{args.data}` (CT slices, folders COVID / NonCOVID, mostly 512 x 512 JPEGs; "
             "`--data DIR` points elsewhere). Same images for every variant.\n\n"
             f"{table}\n\n{notes}\n"
         )
         write_section(Path(args.write), SECTION, section)
         print(f"\nwrote the {SECTION[3:]} section of {args.write}")
     return 0
-
-
-def write_section(path: Path, heading: str, section: str) -> None:
-    """Replace (or append) the ``heading`` section of a markdown file, keeping the others."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
-        new = "".join(lines[:start]) + section + (
-            "\n" + "".join(lines[end:]) if end < len(lines) else "")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,8 @@ no per-batch syncs. Time spent inside each covidlib callback is measured by wrap
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import os
 import platform
-import shlex
 import shutil
 import statistics
 import sys
@@ -441,18 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(notes)
     if args.write:
-        from bench_input_pipeline import write_section
+        from _machine import section_header, write_section
 
-        cmd = "python benchmarks/bench_train_overhead.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-        if os.environ.get("KERAS_BACKEND"):
-            cmd = f"KERAS_BACKEND={os.environ['KERAS_BACKEND']} {cmd}"
         heading = f"## {args.section}"
+        argv_used = argv if argv is not None else sys.argv[1:]
         section = (
-            f"{heading}\n\n"
-            f"Command: `{cmd.strip()}`  \n"
-            f"Date: {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}  \n"
-            f"Machine: {machine()}  \n"
-            f"Data: {n} train + {len(va)} val images drawn at random (seed 0) from `{args.data}`, "
+            section_header(heading, "bench_train_overhead.py", argv_used, machine(), env=("KERAS_BACKEND",))
+            + f"Data: {n} train + {len(va)} val images drawn at random (seed 0) from `{args.data}`, "
             f"stored at {args.size} px; batch {args.batch}.\n\n"
             f"{table}\n\n{notes}\n"
         )
