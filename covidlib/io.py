@@ -219,12 +219,15 @@ def _read_error(path: Path, e: OSError) -> ImageReadError:
         return ImageNotFoundError(path, "broken symbolic link (its target does not exist)")
     if path.is_dir():
         return ImageReadError(path, "is a folder, not an image file")
+    if not path.is_file():  # a socket cannot be opened at all (ENXIO)
+        return ImageReadError(path, "not a regular file (device, pipe or socket)")
     if isinstance(e, PermissionError):
         return ImageReadError(path, "permission denied (no read access)")
     return ImageReadError(path, f"could not be read from disk ({e.strerror or e})")
 
 
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)
+_HAVE_READV = hasattr(os, "readv")  # not on Windows
 
 
 def _read_bytes(path: Path) -> np.ndarray:
@@ -259,9 +262,6 @@ def _read_bytes(path: Path) -> np.ndarray:
     if got == 0:
         raise ImageReadError(path, "empty file (0 bytes)")
     return data[:got] if got < data.size else data
-
-
-_HAVE_READV = hasattr(os, "readv")
 
 
 def _read_into(fd: int, buf: np.ndarray) -> int:

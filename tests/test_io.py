@@ -319,3 +319,27 @@ def test_colour_jpeg_decodes_to_the_same_gray_as_a_colour_decode(tmp_path):
     out = cio.read_image(p)
     assert out.shape == (96, 80) and out.dtype == np.uint8
     assert np.abs(out.astype(int) - expected).max() <= 1
+
+
+def test_read_without_readv_and_with_short_reads(tmp_path, monkeypatch):
+    # the os.read fallback (Windows has no readv), fed a few bytes at a time like a slow share
+    img = gradient()
+    p = write_image(tmp_path / "a.png", img)
+    real_read = os.read
+    monkeypatch.setattr(cio, "_HAVE_READV", False)
+    monkeypatch.setattr(cio.os, "read", lambda fd, n: real_read(fd, min(n, 7)))
+    np.testing.assert_array_equal(cio.read_image(p), img)
+
+
+@pytest.mark.skipif(not hasattr(__import__("socket"), "AF_UNIX"), reason="no Unix sockets")
+def test_socket_named_like_an_image_is_not_a_regular_file(tmp_path):
+    import socket
+
+    p = tmp_path / "sock.png"
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.bind(str(p))
+        with pytest.raises(cio.ImageReadError, match="not a regular file"):
+            cio.read_image(p)
+    finally:
+        s.close()
