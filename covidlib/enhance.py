@@ -942,19 +942,22 @@ def _shared_pool(workers: int) -> ProcessPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is not None and (_POOL[0] != workers or getattr(_POOL[1], "_broken", False)):
-            _POOL[1].shutdown(wait=False, cancel_futures=True)
-            _POOL = None
+            _drop_pool_locked()
         if _POOL is None:
             _POOL = (workers, ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(), initializer=_worker_init))
         return _POOL[1]
 
 
-def _discard_pool() -> None:
+def _drop_pool_locked() -> None:
     global _POOL
+    if _POOL is not None:
+        _POOL[1].shutdown(wait=False, cancel_futures=True)
+        _POOL = None
+
+
+def _discard_pool() -> None:
     with _POOL_LOCK:
-        if _POOL is not None:
-            _POOL[1].shutdown(wait=False, cancel_futures=True)
-            _POOL = None
+        _drop_pool_locked()
 
 
 def _chunk_sizes(n: int, workers: int) -> list[int]:

@@ -20,7 +20,6 @@ Keras is imported lazily so importing this module stays cheap (plots.py uses
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
