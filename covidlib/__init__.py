@@ -3,9 +3,41 @@
 Research use only. Not a medical device; never use it for clinical decisions.
 """
 import os as _os
+import sys as _sys
 
-# TensorFlow's C++ start-up chatter (CUDA probes, CPU feature notes) buries notebook output;
-# users can still override it.
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ logging after start-up (CUDA probes, cuInit); users can still override it.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+
+def quiet_tensorflow_import() -> None:
+    """Import TensorFlow (when it is Keras' backend) with its C++ start-up lines silenced.
+
+    TensorFlow prints oneDNN / CUDA / CPU-feature notes straight to file descriptor 2 before its
+    logging is set up, so no variable silences them; in a notebook they show as red stderr
+    boxes. Only that import is silenced: errors raised by it still propagate, and
+    ``COVIDLIB_VERBOSE=1`` shows everything.
+    """
+    if ("tensorflow" in _sys.modules or _os.environ.get("COVIDLIB_VERBOSE")
+            or _os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow"):
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is None:
+        return
+    _sys.stderr.flush()
+    saved = _os.dup(2)
+    devnull = _os.open(_os.devnull, _os.O_WRONLY)
+    _os.dup2(devnull, 2)
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        _os.dup2(saved, 2)
+        _os.close(saved)
+        _os.close(devnull)
+
+
+# A notebook kernel imports the framework anyway: do it quietly here, before any module does.
+if "ipykernel" in _sys.modules:
+    quiet_tensorflow_import()

@@ -1,6 +1,7 @@
 """The ``covidlib`` command (also ``python -m covidlib``).
 
-Sub-commands: ``run`` (the whole notebook pipeline through papermill), ``download``, ``audit``,
+Sub-commands: ``run`` (the whole notebook pipeline through papermill), ``notebooks`` (copy them
+for JupyterLab), ``download``, ``audit``,
 ``enhance``, ``train``, ``evaluate``, ``predict``, ``export``. Heavy libraries are imported only by the sub-command that
 needs them, so ``--help`` answers at once.
 """
@@ -14,7 +15,7 @@ from typing import Sequence
 
 
 def _params(args: argparse.Namespace) -> dict:
-    from covidlib.pipeline import parse_value
+    from covidlib.runner import parse_value
 
     params: dict = {}
     if args.params:
@@ -31,14 +32,25 @@ def _params(args: argparse.Namespace) -> dict:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from covidlib import pipeline
+    from covidlib import runner
 
-    run_dir = pipeline.run(_params(args), nb_dir=Path(args.notebooks) if args.notebooks else None,
-                           progress=not args.quiet)
-    print(f"done: {run_dir}")
+    run_dir = runner.run(_params(args), nb_dir=Path(args.notebooks) if args.notebooks else None,
+                         progress=not args.quiet, verbose=args.verbose)
     for name in ("evaluation.json", "results.md"):
         if (run_dir / name).is_file():
             print(f"  {run_dir / name}")
+    return 0
+
+
+def cmd_notebooks(args: argparse.Namespace) -> int:
+    from covidlib import runner
+
+    result = runner.copy_notebooks(args.dest, overwrite=args.force)
+    for key, paths in result.items():
+        for path in paths:
+            print(f"{key:<9} {path}")
+    if result["kept"]:
+        print(f"{len(result['kept'])} edited notebook(s) kept; --force replaces them", file=sys.stderr)
     return 0
 
 
@@ -89,25 +101,45 @@ def cmd_enhance(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from covidlib import pipeline, train
+# CLI option -> the notebook parameter that holds its default (defaults live in one place).
+TRAIN_OPTIONS = {"backbone": "BACKBONE", "modality": "MODALITY", "enhancement": "ENHANCEMENT",
+                 "img_size": "IMG_SIZE", "epochs": "EPOCHS", "fine_tune_epochs": "FINE_TUNE_EPOCHS",
+                 "batch_size": "BATCH_SIZE", "weights": "WEIGHTS", "head": "HEAD",
+                 "learning_rate": "LEARNING_RATE", "fine_tune_lr": "FINE_TUNE_LR",
+                 "unfreeze": "UNFREEZE", "patience": "PATIENCE", "imbalance": "IMBALANCE",
+                 "seed": "SEED"}
+EVALUATE_OPTIONS = {"backbones": "BACKBONES", "xray_backbone": "XRAY_BACKBONE", "vote": "VOTE",
+                    "cohort": "COHORT", "phase1_threshold": "PHASE1_THRESHOLD",
+                    "uncertainty_band": "UNCERTAINTY_BAND", "clinical_flag_rate": "CLINICAL_FLAG_RATE",
+                    "n_boot": "N_BOOT", "gradcam_images": "GRADCAM_IMAGES", "seed": "SEED"}
 
-    run_dir = pipeline.resolve_run_dir(args.run_dir)
-    result = train.train_backbone(
-        run_dir, backbone=args.backbone, modality=args.modality, enhancement=args.enhancement,
-        img_size=args.img_size, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
-        batch_size=args.batch_size, weights=args.weights, seed=args.seed, overwrite=args.overwrite)
+
+def _with_defaults(args: argparse.Namespace, step: str, options: dict[str, str]) -> dict:
+    """The options the user gave, the rest from the notebook's ``parameters`` cell."""
+    from covidlib import runner
+
+    defaults = runner.default_parameters(step)
+    return {opt: defaults[name] if getattr(args, opt) is None else getattr(args, opt)
+            for opt, name in options.items()}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from covidlib import runner, train
+
+    run_dir = runner.resolve_run_dir(args.run_dir)
+    kwargs = _with_defaults(args, "train", TRAIN_OPTIONS)
+    kwargs["weights"] = _weights(kwargs["weights"])
+    result = train.train_backbone(run_dir, overwrite=args.overwrite, **kwargs)
     print(f"model: {result.model_dir}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from covidlib import pipeline, report
+    from covidlib import runner, report
 
-    run_dir = pipeline.resolve_run_dir(args.run_dir)
-    result = report.evaluate_run(run_dir, args.backbones, xray_backbone=args.xray_backbone,
-                                 vote=args.vote, cohort=args.cohort, n_boot=args.n_boot,
-                                 seed=args.seed)
+    run_dir = runner.resolve_run_dir(args.run_dir)
+    kwargs = _with_defaults(args, "evaluate", EVALUATE_OPTIONS)
+    result = report.evaluate_run(run_dir, **kwargs)
     print(f"written: {run_dir / 'evaluation.json'}, {run_dir / 'results.md'}")
     ens = result.evaluation["ensemble"]
     print(f"{ens['method']} vote: accuracy {ens['accuracy']:.3f}, macro AUC {ens['auc_macro']}")
@@ -115,10 +147,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from covidlib import pipeline, predict
+    from covidlib import runner, predict
 
     # With --model-dir alone there is no run; with --run-dir too, the run still supplies vote weights.
-    run_dir = None if args.model_dir and not args.run_dir else pipeline.resolve_run_dir(args.run_dir)
+    run_dir = None if args.model_dir and not args.run_dir else runner.resolve_run_dir(args.run_dir)
     df = predict.predict_paths(args.paths, run_dir, args.model_dir, vote=args.vote,
                                gradcam_dir=args.gradcam, batch_size=args.batch_size,
                                window=args.window, enhanced=args.already_enhanced)
@@ -132,12 +164,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from covidlib import export, pipeline
+    from covidlib import export, runner
 
     if args.model_file:
         src = Path(args.model_file)
     else:
-        src = pipeline.resolve_run_dir(args.run_dir) / "models" / args.model
+        src = runner.resolve_run_dir(args.run_dir) / "models" / args.model
         if not (src / "model.keras").is_file():
             raise FileNotFoundError(f"{src} holds no model.keras (train it, or for the ensemble run "
                                     "`covidlib evaluate` first)")
@@ -161,8 +193,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _weights(text: str) -> str | None:
-    return None if text.lower() in ("none", "null", "") else text
+def _weights(text: str | None) -> str | None:
+    return None if text is None or text.lower() in ("none", "null", "") else text
+
+
+def _unfreeze(text: str) -> str | int:
+    return text if text == "all" else int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,9 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", help="YAML file of notebook parameters (NAME: value)")
     p.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="one parameter, e.g. -p DATASET /data/ct -p EPOCHS 5 (repeatable)")
-    p.add_argument("--notebooks", help="folder of the numbered notebooks (default: the checkout's)")
+    p.add_argument("--notebooks", help="folder of the numbered notebooks (default: the copies "
+                                       "shipped with covidlib, or $COVIDLIB_NOTEBOOKS)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true",
+                   help="show everything the kernels print (TensorFlow logs included)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("notebooks", help="copy the numbered notebooks into a folder for JupyterLab",
+                       description="Copy notebooks 01-04 into DEST. An edited copy already there is "
+                                   "kept unless --force.")
+    p.add_argument("dest", help="target folder")
+    p.add_argument("--force", action="store_true", help="replace edited copies")
+    p.set_defaults(func=cmd_notebooks)
 
     p = sub.add_parser("download", help="fetch a registered public data set (or list them)")
     p.add_argument("name", nargs="?", help="registry name or Kaggle handle")
@@ -213,29 +259,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_enhance)
 
-    p = sub.add_parser("train", help="train one backbone on RUN_DIR/manifest.csv")
+    nb = "default: notebook {} parameters cell"
+    p = sub.add_parser("train", help="train one backbone on RUN_DIR/manifest.csv",
+                       description="Enhance (cached) and train one backbone. Every option not given "
+                                   "takes the default of notebook 03's parameters cell.")
     p.add_argument("--run-dir", help="run folder (default: reports/runs/demo)")
-    p.add_argument("--backbone", default="DenseNet121")
-    p.add_argument("--modality", default="ct", choices=["ct", "xray"])
-    p.add_argument("--enhancement", default="crop+wb+clahe")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--fine-tune-epochs", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--weights", type=_weights, default="imagenet",
-                   help="imagenet (default), none, or a weights file")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backbone", help=nb.format("03"))
+    p.add_argument("--modality", choices=["ct", "xray"])
+    p.add_argument("--enhancement", help="enhancement pipeline, e.g. crop+wb+clahe")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--epochs", type=int, help="epochs of phase 1 (the only phase from scratch)")
+    p.add_argument("--fine-tune-epochs", type=int, help="with pretrained weights: epochs after unfreezing")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--weights", help="imagenet, none (from scratch), or a backbone weights file")
+    p.add_argument("--head", choices=["gap", "gap_dense256"])
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--fine-tune-lr", type=float, help="learning rate after unfreezing")
+    p.add_argument("--unfreeze", type=_unfreeze, help="all, or how many top backbone layers to unfreeze")
+    p.add_argument("--patience", type=int, help="early-stopping patience (epochs)")
+    p.add_argument("--imbalance", choices=["class_weight", "balanced_sampling", "none"])
+    p.add_argument("--seed", type=int)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="metrics, vote and two-phase cascade of a run")
+    p = sub.add_parser("evaluate", help="metrics, vote and two-phase cascade of a run",
+                       description="Every option not given takes the default of notebook 04's "
+                                   "parameters cell.")
     p.add_argument("--run-dir", help="run folder (default: reports/runs/demo)")
-    p.add_argument("--backbones", nargs="+", default=["DenseNet121", "ResNet50V2", "MobileNetV2"])
-    p.add_argument("--xray-backbone", default="DenseNet121")
-    p.add_argument("--vote", default="hard", choices=["hard", "soft", "weighted"])
+    p.add_argument("--backbones", nargs="+", help=nb.format("04") + " (BACKBONES)")
+    p.add_argument("--xray-backbone", help="phase-1 model, run xray_<NAME> (XRAY_BACKBONE)")
+    p.add_argument("--vote", choices=["hard", "soft", "weighted"])
     p.add_argument("--cohort", help="CSV pairing X-ray and CT by patient_id")
-    p.add_argument("--n-boot", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--phase1-threshold", type=float)
+    p.add_argument("--uncertainty-band", type=float)
+    p.add_argument("--clinical-flag-rate", type=float, help="simulated cohort only")
+    p.add_argument("--n-boot", type=int)
+    p.add_argument("--gradcam-images", type=int)
+    p.add_argument("--seed", type=int)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict images with a run's CT models and their vote",

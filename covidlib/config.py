@@ -1,8 +1,9 @@
 """Paths, defaults and canonical class names.
 
 Kept free of heavy imports: the CLI and every other module import it first.
-Paths come from the ``COVIDLIB_DATA`` and ``COVIDLIB_REPORTS`` environment variables,
-falling back to ``data/`` and ``reports/`` beside the package (a source checkout).
+Paths follow the user, never the install: ``COVIDLIB_DATA`` and ``COVIDLIB_REPORTS`` when set,
+else ``./data`` and ``./reports`` of the current working folder; downloads are cached in
+``COVIDLIB_CACHE`` or the platform's user cache folder. Nothing is written inside the package.
 """
 from __future__ import annotations
 
@@ -10,17 +11,29 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+def _user_path(variable: str, default: str) -> Path:
+    # Relative values are taken against the working folder now, so a notebook kernel started
+    # elsewhere still writes where the user asked.
+    return Path(os.environ.get(variable) or default).expanduser().resolve()
 
 
 def data_dir() -> Path:
-    """Where downloads and converted data live (``COVIDLIB_DATA``)."""
-    return Path(os.environ.get("COVIDLIB_DATA", PROJECT_ROOT / "data")).expanduser()
+    """Where downloaded and converted data live: ``COVIDLIB_DATA`` or ``./data``."""
+    return _user_path("COVIDLIB_DATA", "data")
 
 
 def reports_dir() -> Path:
-    """Where runs and reports are written (``COVIDLIB_REPORTS``)."""
-    return Path(os.environ.get("COVIDLIB_REPORTS", PROJECT_ROOT / "reports")).expanduser()
+    """Where runs and reports are written: ``COVIDLIB_REPORTS`` or ``./reports``."""
+    return _user_path("COVIDLIB_REPORTS", "reports")
+
+
+def cache_dir() -> Path:
+    """Download cache: ``COVIDLIB_CACHE`` or the platform's user cache folder."""
+    if os.environ.get("COVIDLIB_CACHE"):
+        return _user_path("COVIDLIB_CACHE", "")
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("covidlib"))
 
 
 # Canonical labels, in the one order every model, table and figure uses.

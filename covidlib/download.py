@@ -56,7 +56,8 @@ __all__ = [
 ]
 
 # Where Kaggle notebooks mount attached data sets (a module attribute so tests can move it).
-KAGGLE_INPUT_ROOT = Path("/kaggle/input")
+# Where a Kaggle kernel mounts attached data sets (COVIDLIB_KAGGLE_INPUT: elsewhere, e.g. in tests).
+KAGGLE_INPUT_ROOT = Path(os.environ.get("COVIDLIB_KAGGLE_INPUT", "/kaggle/input"))
 # A cheap reachability probe before handing over to kagglehub, so "offline" fails in seconds.
 _KAGGLE_PROBE: tuple[str, int] = ("www.kaggle.com", 443)
 DEFAULT_TIMEOUT = 30.0  # seconds without a byte before a download gives up (not the total time)
@@ -704,7 +705,8 @@ def _kaggle_download(info: DatasetInfo, dest: Path) -> Path:
 
 def _https_dataset_download(info: DatasetInfo, dest: Path) -> Path:
     """Default downloader for https/github archives: download, extract (and inner archives)."""
-    work = dest.parent / f".{dest.name}.download"
+    # The archive (and a resumable partial download) lives in the user cache, not beside the data.
+    work = config.cache_dir() / "downloads" / info.name
     filename = Path(urllib.parse.urlsplit(info.handle).path).name or "archive"
     archive = download_https(info.handle, work / filename, sha256=info.sha256)
     staging = dest.parent / f".{dest.name}.staging"

@@ -47,3 +47,39 @@ def isolated_dirs(tmp_path, monkeypatch) -> dict[str, Path]:
     monkeypatch.setenv("COVIDLIB_DATA", str(dirs["data"]))
     monkeypatch.setenv("COVIDLIB_REPORTS", str(dirs["reports"]))
     return dirs
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _download_cache(tmp_path_factory):
+    """Downloads cache into a temporary folder, never the user's cache."""
+    os.environ["COVIDLIB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def built_wheel(tmp_path_factory) -> Path:
+    """The wheel ``pip wheel .`` builds from this checkout (no build isolation: offline-safe)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("wheel")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                           "-q", "-w", str(out), str(root)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = out.glob("covidlib-*.whl")
+    return wheel
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(built_wheel, tmp_path_factory) -> Path:
+    """The wheel installed without dependencies into a fresh folder (put it first on PYTHONPATH)."""
+    import subprocess
+    import sys
+
+    target = tmp_path_factory.mktemp("site")
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "-q",
+                           "--target", str(target), str(built_wheel)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return target

@@ -1,11 +1,15 @@
-"""Every numbered notebook, executed through the real batch runner with tiny parameters.
+"""Every numbered notebook, executed the way a user runs them, with tiny parameters.
 
-One module-scoped run of ``covidlib run`` (papermill) feeds several tests that assert on what the
-notebooks saved; nbval then re-executes the executed copies (`--nbval-lax`).
+One module-scoped run of ``covidlib run`` feeds several tests that assert on what the notebooks
+saved. It walks the user's path: covidlib installed from its wheel (no checkout on the path),
+started from an empty working folder with no COVIDLIB_* variables, so the notebooks must come
+from the package and every output must land under that folder.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +18,17 @@ import nbformat
 import pandas as pd
 import pytest
 
-from covidlib import pipeline
+from covidlib import runner
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted(runner.notebooks_dir().glob("*.ipynb"))
 
 TINY = {
     "SYNTHETIC_PATIENTS": 3,
     "IMG_SIZE": 32,
     "EPOCHS": 1,
+    "ABLATION_EPOCHS": 1,
+    "ABLATION_SEEDS": [0],
     "BATCH_SIZE": 16,
     "XRAY_BACKBONE": "SmallCNN",
     "ABLATION_PIPELINES": ["none", "crop+wb+clahe"],
@@ -46,13 +52,13 @@ def test_notebook_is_clean_and_parameterised(path):
     assert not any(line.lstrip().startswith(("def ", "class ")) for c in code
                    for line in c.source.splitlines())
     # Every parameter parses (papermill silently skips lines it cannot parse).
-    params = pipeline.notebook_parameters(path)
+    params = runner.notebook_parameters(path)
     assert "RUN_DIR" in params and "SEED" in params or path.name.startswith("03") and "SEED" in params
     assert "config.seed_everything(SEED)" in "".join(c.source for c in code)
 
 
 def test_shared_parameter_vocabulary():
-    declared = {p.name: pipeline.notebook_parameters(p) for p in NOTEBOOKS}
+    declared = {p.name: runner.notebook_parameters(p) for p in NOTEBOOKS}
     for name, params in declared.items():
         for shared in ("RUN_DIR", "SEED"):
             assert shared in params, (name, shared)
@@ -62,30 +68,62 @@ def test_shared_parameter_vocabulary():
 
 
 def test_plan_order_and_per_notebook_parameters():
-    steps = pipeline.plan({"BACKBONES": ["MobileNetV2", "SmallCNN"], "EPOCHS": 2})
+    steps = runner.plan({"BACKBONES": ["MobileNetV2", "SmallCNN"], "EPOCHS": 2})
     labels = [s[0] for s in steps]
     assert labels == ["01_download_data", "02_enhancement_ablation", "03_train_MobileNetV2",
                       "03_train_SmallCNN", "03_train_xray_DenseNet121",
                       "04_two_phase_evaluation_voting"]
     assert steps[2][2] == {"BACKBONE": "MobileNetV2", "MODALITY": "ct", "EPOCHS": 2}
     assert "EPOCHS" not in steps[0][2]  # only parameters a notebook declares are passed
-    no_xray = pipeline.plan({"XRAY_DATASET": None})
+    no_xray = runner.plan({"XRAY_DATASET": None})
     assert not any("xray" in s[0] for s in no_xray)
     with pytest.raises(ValueError, match="unknown parameter"):
-        pipeline.plan({"EPOCS": 3})
+        runner.plan({"EPOCS": 3})
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("pipeline")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("COVIDLIB_DATA", str(base / "data"))
-    mp.setenv("COVIDLIB_REPORTS", str(base / "reports"))
-    try:
-        run_dir = pipeline.run({**TINY, "RUN_DIR": str(base / "run")}, progress=False)
-        yield run_dir
-    finally:
-        mp.undo()
+def installed_run(installed_wheel, tmp_path_factory):
+    """``covidlib run`` from the installed wheel in an empty folder: (run_dir, console, target)."""
+    cwd = tmp_path_factory.mktemp("user_folder")
+    before = _snapshot(installed_wheel)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDLIB_")}
+    env.update(PYTHONPATH=str(installed_wheel), PYTHONDONTWRITEBYTECODE="1")
+    args = [x for k, v in TINY.items() for x in ("-p", k, json.dumps(v))]
+    proc = subprocess.run([sys.executable, "-m", "covidlib", "run", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _snapshot(installed_wheel) == before, "covidlib run wrote into the installed package"
+    return cwd / "reports" / "runs" / "demo", proc.stdout + proc.stderr, installed_wheel
+
+
+@pytest.fixture(scope="module")
+def tiny_run(installed_run):
+    return installed_run[0]
+
+
+@pytest.mark.slow
+def test_installed_run_uses_the_package_notebooks_and_the_user_folder(installed_run):
+    run_dir, console, target = installed_run
+    executed = nbformat.read(run_dir / "notebooks" / "01_download_data.ipynb", as_version=4)
+    text = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    assert str(target / "covidlib" / "__init__.py") in text
+    assert (run_dir.parents[2] / "data" / "synthetic").is_dir()  # ./data of the working folder
+
+
+@pytest.mark.slow
+def test_console_is_one_screen_without_startup_noise(installed_run):
+    _, console, _ = installed_run
+    lines = [line for line in re.split(r"[\r\n]+", console) if line.strip()]
+    noise = ("absl::InitializeLog", "oneDNN", "cuInit", "cuda_", "IPKernelApp",
+             "without encryption", "Task was destroyed")
+    assert not [line for line in lines if any(n in line for n in noise)]
+    assert len(console.rstrip("\n").split("\n")) <= 60
+    assert "done in" in console and "vote" in console  # the closing summary
 
 
 @pytest.mark.slow
@@ -105,6 +143,11 @@ def test_pipeline_writes_manifest_audit_and_models(tiny_run):
     assert {"accuracy_lo", "accuracy_hi", "verdict_vs_none"} <= set(table.columns)
     executed = sorted(p.name for p in (tiny_run / "notebooks").glob("*.ipynb"))
     assert len(executed) == 7
+    for name in executed:  # no TensorFlow start-up lines in any cell's stderr
+        nb = nbformat.read(tiny_run / "notebooks" / name, as_version=4)
+        stderr = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", [])
+                         if o.get("name") == "stderr")
+        assert "absl::InitializeLog" not in stderr and "oneDNN" not in stderr, name
 
 
 @pytest.mark.slow
@@ -130,16 +173,6 @@ def test_pipeline_evaluation_json(tiny_run):
     from covidlib.models import load_model
 
     assert load_model(tiny_run / "models" / "ensemble" / "model.keras").output_shape[-1] == 3
-
-
-@pytest.mark.slow
-def test_nbval_reexecutes_executed_notebooks(tiny_run):
-    """nbval runs every executed copy again (tiny injected parameters; finished runs are reused)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "--nbval-lax", "-p", "no:cacheprovider",
-         str(tiny_run / "notebooks")],
-        capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -8,10 +8,15 @@ import nbformat as nbf
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SETUP = '''# Setup: install covidlib only when it is missing (Colab / Kaggle: clone the repository first).
-import importlib.util
+SETUP = '''# Setup: install covidlib only when it is missing (a fresh Colab or Kaggle kernel). What pip
+# installs comes from one place, the COVIDLIB_INSTALL variable: a wheel path or git+<repository URL>.
+import importlib, importlib.util, os
 if importlib.util.find_spec("covidlib") is None:
-    %pip install -q -e ..
+    if not os.environ.get("COVIDLIB_INSTALL"):
+        raise RuntimeError("covidlib is not installed: set COVIDLIB_INSTALL to a wheel path or "
+                           "git+<repository URL> (README: Colab and Kaggle), or pip install it")
+    %pip install -q {os.environ["COVIDLIB_INSTALL"]}
+    importlib.invalidate_caches()
 '''
 
 DISCLAIMER = ("> **Research use only.** covidlib is not a medical device and must never be used "
@@ -65,11 +70,11 @@ TEST_FRACTION = 0.15
 '''),
     code('''
 import covidlib
-from covidlib import audit, config, datasets, pipeline, plots
+from covidlib import audit, config, datasets, plots, runner
 
 config.seed_everything(SEED)
-run_dir = pipeline.resolve_run_dir(RUN_DIR)
-print("covidlib", covidlib.__version__, "| run folder:", run_dir)
+run_dir = runner.resolve_run_dir(RUN_DIR)
+print("covidlib", covidlib.__version__, "from", covidlib.__file__, "| run folder:", run_dir)
 '''),
     md("## CT images → manifest\nThe alias table shows how each folder / class name became a canonical label."),
     code('''
@@ -127,18 +132,19 @@ difference**. Writes `RUN_DIR/enhancement_ablation.csv` and `figures/enhancement
 RUN_DIR = None               # None -> reports/runs/demo
 SEED = 0
 IMG_SIZE = 64
-EPOCHS = 6                   # training budget of each ablation run
 BATCH_SIZE = 32
 RUN_ABLATION = True          # False: only show the enhancement steps
 ABLATION_BACKBONE = "SmallCNN"
+ABLATION_EPOCHS = 6          # budget of each ablation run, separate from the EPOCHS of notebook 03
+ABLATION_SEEDS = [0, 1, 2]   # one training per pipeline and seed; the verdict needs more than one
 ABLATION_PIPELINES = ["none", "crop", "crop+wb", "crop+clahe", "crop+wb+clahe", "crop+dct+wb+clahe"]
 N_BOOT = 1000
 '''),
     code('''
-from covidlib import ablation, config, datasets, io, pipeline, plots
+from covidlib import ablation, config, datasets, io, plots, runner
 
 config.seed_everything(SEED)
-run_dir = pipeline.resolve_run_dir(RUN_DIR)
+run_dir = runner.resolve_run_dir(RUN_DIR)
 manifest = datasets.read_manifest(run_dir / "manifest.csv")
 '''),
     md("## Every step on one CT slice"),
@@ -152,7 +158,8 @@ plots.plot_enhancement_steps(steps, run_dir / "figures" / "enhancement_steps_ct.
     code('''
 if RUN_ABLATION:
     table = ablation.run_ablation(run_dir, ABLATION_PIPELINES, backbone=ABLATION_BACKBONE, img_size=IMG_SIZE,
-                                  epochs=EPOCHS, batch_size=BATCH_SIZE, seed=SEED, n_boot=N_BOOT)
+                                  epochs=ABLATION_EPOCHS, batch_size=BATCH_SIZE, seeds=ABLATION_SEEDS,
+                                  n_boot=N_BOOT)
     display(table)
     display(plots.plot_ablation(table, run_dir / "figures" / "enhancement_ablation.png", metric="accuracy"))
 '''),
@@ -184,21 +191,25 @@ BATCH_SIZE = 32
 WEIGHTS = None               # imagenet for real runs (downloaded once), None (from scratch), or a weights-file path
 HEAD = "gap"                 # gap | gap_dense256
 LEARNING_RATE = 0.001
+FINE_TUNE_LR = 1e-05         # learning rate after unfreezing (10-100x lower than LEARNING_RATE)
+UNFREEZE = "all"             # all, or how many top backbone layers to unfreeze (a positive integer)
+PATIENCE = 5                 # early stopping: epochs without a better validation AUC
 IMBALANCE = "class_weight"   # class_weight | balanced_sampling | none
 SEED = 0
 '''),
     code('''
-from covidlib import config, pipeline, plots, train
+from covidlib import config, plots, runner, train
 
 config.seed_everything(SEED)
-run_dir = pipeline.resolve_run_dir(RUN_DIR)
+run_dir = runner.resolve_run_dir(RUN_DIR)
 print(train.describe_device())
 '''),
     code('''
 result = train.train_backbone(
     run_dir, backbone=BACKBONE, modality=MODALITY, enhancement=ENHANCEMENT, img_size=IMG_SIZE,
     epochs=EPOCHS, fine_tune_epochs=FINE_TUNE_EPOCHS, batch_size=BATCH_SIZE, weights=WEIGHTS,
-    head=HEAD, learning_rate=LEARNING_RATE, imbalance=IMBALANCE, seed=SEED, verbose=2)
+    head=HEAD, learning_rate=LEARNING_RATE, fine_tune_lr=FINE_TUNE_LR, unfreeze=UNFREEZE,
+    patience=PATIENCE, imbalance=IMBALANCE, seed=SEED, verbose=2)
 print("saved to", result.model_dir, "| classes:", result.classes,
       "| reused finished run" if result.skipped else "")
 '''),
@@ -240,10 +251,10 @@ SEED = 0
     code('''
 import json
 from IPython.display import Image, Markdown
-from covidlib import config, pipeline, report, train
+from covidlib import config, report, runner, train
 
 config.seed_everything(SEED)
-run_dir = pipeline.resolve_run_dir(RUN_DIR)
+run_dir = runner.resolve_run_dir(RUN_DIR)
 print(train.describe_device())
 '''),
     code('''
@@ -265,7 +276,7 @@ for name, path in result.figures.items():
 ])
 
 if __name__ == "__main__":
-    out = ROOT / "notebooks"
+    out = ROOT / "covidlib" / "notebooks"
     out.mkdir(exist_ok=True)
     for name, nb in [("01_download_data", NB01), ("02_enhancement_ablation", NB02),
                      ("03_train_backbone", NB03), ("04_two_phase_evaluation_voting", NB04)]:
