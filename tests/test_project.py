@@ -38,7 +38,8 @@ def test_cli_help_is_fast_and_complete():
     out = subprocess.run([sys.executable, "-m", "covidlib", "--help"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0
-    for cmd in ("run", "download", "audit", "enhance", "train", "evaluate", "predict", "export"):
+    for cmd in ("run", "notebooks", "download", "audit", "enhance", "train", "evaluate", "predict",
+                "export"):
         assert cmd in out.stdout
         sub = subprocess.run([sys.executable, "-m", "covidlib", cmd, "--help"],
                              capture_output=True, text=True, timeout=60)
