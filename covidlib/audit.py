@@ -175,28 +175,23 @@ def _near_duplicate_pairs(
     )
 
 
-def _union_find_groups(n: int, pairs_i: Iterable[int], pairs_j: Iterable[int]) -> list[int]:
-    """Connected components; group ids are 0, 1, 2... in order of each group's first member."""
-    parent = list(range(n))
+def _connected_groups(n: int, pairs_i: Iterable[int], pairs_j: Iterable[int]) -> list[int]:
+    """Connected components of the pair graph; group ids 0, 1, 2... in order of first member."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]  # path halving
-            x = parent[x]
-        return x
-
-    for a, b in zip(pairs_i, pairs_j):
-        ra, rb = find(int(a)), find(int(b))
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    ids: dict[int, int] = {}
-    out = []
-    for k in range(n):
-        root = find(k)
-        if root not in ids:
-            ids[root] = len(ids)
-        out.append(ids[root])
-    return out
+    if n == 0:
+        return []
+    i = np.fromiter(pairs_i, dtype=np.int64)
+    j = np.fromiter(pairs_j, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    # SciPy's numbering is an implementation detail; renumber by each group's first member so
+    # group ids stay stable (reports and tests rely on first-appearance order).
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inverse.ravel()].tolist()
 
 
 def _hash_item(item) -> tuple[int, np.ndarray | None]:
@@ -224,7 +219,7 @@ def near_duplicate_groups(
     Two items are linked when their perceptual hashes are within Hamming distance ``threshold``
     and -- if every item has pixels (arrays or paths) and ``min_correlation`` is not None -- their
     structure signatures correlate >= ``min_correlation``. Links are closed transitively
-    (union-find): a chain a~b~c is one group even when a and c are further apart. See the module
+    (connected components): a chain a~b~c is one group even when a and c are further apart. See the module
     docstring for why 6 bits and 0.95 (in short: copies <= 2 bits / >= 0.988; distinct CT slices
     can be 0 bits apart, hence the confirmation).
 
@@ -251,7 +246,7 @@ def near_duplicate_groups(
     if min_correlation is not None and items and all(s is not None for _, s in items):
         sigs = np.stack([s for _, s in items])
     i, j, _ = _near_duplicate_pairs(hashes, int(threshold), sigs, min_correlation)
-    return _union_find_groups(len(hashes), i, j)
+    return _connected_groups(len(hashes), i, j)
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,6 +257,9 @@ def near_duplicate_groups(
 # categorical property, the best value -> class table) reaches a 5-fold cross-validated balanced
 # accuracy >= 0.9 -- far above chance (1/K) -- for that class against the rest (or for all classes
 # at once). Classes with fewer than MIN_CLASS_SUPPORT images are never flagged: too few to tell.
+# With real patient ids the folds are grouped by patient (StratifiedGroupKFold): the check must
+# not leak itself, or a property that only recognises a patient (shared by all their slices)
+# would be reported as a class shortcut.
 SHORTCUT_BALANCED_ACCURACY = 0.9
 MIN_CLASS_SUPPORT = 10
 # A "pure subgroup" (e.g. every `nor_*` file is non-COVID): one value of a categorical or
@@ -424,26 +422,6 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def _binom_cdf(k: int, n: int, q: float) -> float:
-    """P(X <= k) for X ~ Binomial(n, q), in log space (n can be thousands)."""
-    if q <= 0.0:
-        return 1.0
-    if q >= 1.0:
-        return 1.0 if k >= n else 0.0
-    lq, l1q = math.log(q), math.log1p(-q)
-    logs = [
-        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lq + (n - i) * l1q
-        for i in range(0, k + 1)
-    ]
-    m = max(logs)
-    return min(1.0, math.exp(m) * sum(math.exp(x - m) for x in logs))
-
-
-def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    recalls = [float(np.mean(y_pred[y_true == c] == c)) for c in np.unique(y_true)]
-    return float(np.mean(recalls)) if recalls else float("nan")
-
-
 def _fit_predict(x_tr, y_tr, x_te, categorical: bool) -> np.ndarray:
     if categorical:
         # Value -> the class it is most typical of (class-conditional frequency, i.e. balanced
@@ -466,18 +444,33 @@ def _fit_predict(x_tr, y_tr, x_te, categorical: bool) -> np.ndarray:
     return tree.predict(np.asarray(x_te, dtype=np.float64).reshape(-1, 1))
 
 
-def _cv_balanced_accuracy(x: np.ndarray, y: np.ndarray, categorical: bool) -> float:
-    from sklearn.model_selection import StratifiedKFold
+def _cv_balanced_accuracy(x: np.ndarray, y: np.ndarray, categorical: bool,
+                          groups: np.ndarray | None = None) -> float:
+    """Cross-validated balanced accuracy of the class predicted from property ``x`` alone.
 
-    _, counts = np.unique(y, return_counts=True)
-    n_splits = int(min(5, counts.min()))
+    With ``groups`` (patient ids) the folds keep each patient's images together
+    (StratifiedGroupKFold): slices of one patient share scanner, dose and body, so under image
+    folds a property that merely recognises the patient would pass for a class shortcut.
+    Without ids, StratifiedKFold over images. Up to 5 folds, fewer when a class has fewer
+    images (patients); NaN when it has only one.
+    """
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    classes, counts = np.unique(y, return_counts=True)
+    if groups is None:
+        n_splits = int(min(5, counts.min()))
+        cv = StratifiedKFold(n_splits=max(n_splits, 2), shuffle=True, random_state=0)
+    else:
+        n_splits = min(5, min(len(set(groups[y == c].tolist())) for c in classes))
+        cv = StratifiedGroupKFold(n_splits=max(n_splits, 2), shuffle=True, random_state=0)
     if n_splits < 2:
         return float("nan")
     pred = np.empty(len(y), dtype=object)
-    skf = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=0)
-    for tr, te in skf.split(np.zeros(len(y)), y):
-        pred[te] = _fit_predict(x[tr], y[tr], x[te], categorical)
-    return _balanced_accuracy(y.astype(object), pred)
+    for tr, te in cv.split(np.zeros(len(y)), y, groups):
+        if len(te):  # grouped folds can come out empty when patients are few
+            pred[te] = _fit_predict(x[tr], y[tr], x[te], categorical)
+    return float(balanced_accuracy_score(y.astype(object), pred))
 
 
 def _describe_by_class(x: np.ndarray, y: np.ndarray, classes: list[str], categorical: bool) -> dict:
@@ -500,6 +493,8 @@ def _describe_by_class(x: np.ndarray, y: np.ndarray, classes: list[str], categor
 
 
 def _pure_subgroups(x: np.ndarray, y: np.ndarray, classes: list[str]) -> list[dict]:
+    from scipy.stats import binom  # lazy: scipy.stats costs CLI start-up time
+
     n = len(y)
     class_n = {c: int(np.sum(y == c)) for c in classes}
     found = []
@@ -516,7 +511,7 @@ def _pure_subgroups(x: np.ndarray, y: np.ndarray, classes: list[str]) -> list[di
         if purity < SUBGROUP_MIN_PURITY or coverage < SUBGROUP_MIN_COVERAGE:
             continue
         q_other = 1.0 - class_n[c] / n
-        p = _binom_cdf(n_v - n_c, n_v, q_other)
+        p = float(binom.cdf(n_v - n_c, n_v, q_other))
         if p < SUBGROUP_MAX_P:
             found.append({
                 "value": str(v), "class": c, "n": n_v, "purity": round(purity, 4),
@@ -557,8 +552,12 @@ def _tree_bins(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.array([name(*bounds[int(leaf)]) for leaf in tree.apply(xf)], dtype=object)
 
 
-def _shortcut_property(name: str, x: np.ndarray, y: np.ndarray, categorical: bool) -> dict:
-    """How well property ``name`` alone predicts the class (see SHORTCUT_BALANCED_ACCURACY)."""
+def _shortcut_property(name: str, x: np.ndarray, y: np.ndarray, categorical: bool,
+                       groups: np.ndarray | None = None) -> dict:
+    """How well property ``name`` alone predicts the class (see SHORTCUT_BALANCED_ACCURACY).
+
+    ``groups``: patient id per image for patient-grouped folds (None: image folds).
+    """
     classes = sorted(set(y.tolist()), key=_class_key)
     k = len(classes)
     distinct = len(set(x.tolist()))
@@ -577,7 +576,7 @@ def _shortcut_property(name: str, x: np.ndarray, y: np.ndarray, categorical: boo
     if distinct <= 1:
         res["constant"] = True
         return res
-    bacc = _cv_balanced_accuracy(x, y, categorical)
+    bacc = _cv_balanced_accuracy(x, y, categorical, groups)
     res["balanced_accuracy"] = round(bacc, 4) if not math.isnan(bacc) else None
     support = {c: int(np.sum(y == c)) for c in classes}
     for c in classes:
@@ -585,7 +584,7 @@ def _shortcut_property(name: str, x: np.ndarray, y: np.ndarray, categorical: boo
             ovr = bacc
         else:
             yb = np.where(y == c, c, "__rest__").astype(object)
-            ovr = _cv_balanced_accuracy(x, yb, categorical)
+            ovr = _cv_balanced_accuracy(x, yb, categorical, groups)
         res["per_class_balanced_accuracy"][c] = None if math.isnan(ovr) else round(ovr, 4)
         if not math.isnan(ovr) and ovr >= SHORTCUT_BALANCED_ACCURACY and support[c] >= MIN_CLASS_SUPPORT:
             res["separable_classes"].append(c)
@@ -620,14 +619,20 @@ def _cluster(idx: Sequence[int], paths, splits, labels, cap_paths: int) -> dict:
     }
 
 
+def _clean_ids(ids: "Any") -> tuple["Any", "Any"]:
+    """Patient ids as stripped strings and the mask of rows without one."""
+    s = ids.astype("string").str.strip()
+    missing = s.isna() | (s == "") | s.str.lower().isin(["nan", "none", "null"])
+    return s, missing.fillna(True).astype(bool)
+
+
 def _patient_status(ids: "Any") -> dict:
     """Are patient ids real, missing, or one placeholder per image?"""
     import pandas as pd
 
     if ids is None:
         return {"status": "missing", "n_missing": None, "n_unique": 0}
-    s = ids.astype("string").str.strip()
-    missing = s.isna() | (s == "") | s.str.lower().isin(["nan", "none", "null"])
+    s, missing = _clean_ids(ids)
     present = s[~missing]
     n_unique = int(present.nunique())
     out = {"n_missing": int(missing.sum()), "n_unique": n_unique, "n_images": int(len(s))}
@@ -643,6 +648,25 @@ def _patient_status(ids: "Any") -> dict:
         float(pd.Series(present).value_counts().median()) if len(present) else None
     )
     return out
+
+
+def _cv_groups(ids: "Any", status: dict) -> tuple[np.ndarray | None, str]:
+    """Patient id per image for the shortcut check's folds, and which split that gives.
+
+    Real ids -> patient-grouped folds (an image without an id is a group of its own).
+    Missing, placeholder or one-per-image ids carry no grouping -> image folds.
+    """
+    if ids is None or status["status"] != "real":
+        why = {"missing": "no patient ids", "placeholder": "placeholder ids, one per image",
+               "all_unique": "one patient id per image"}[status["status"]]
+        return None, f"StratifiedKFold over images ({why})"
+    s, missing = _clean_ids(ids)
+    groups = s.astype(object).to_numpy().copy()
+    groups[missing.to_numpy()] = [f"<no id> row {i}" for i in np.flatnonzero(missing.to_numpy())]
+    text = f"StratifiedGroupKFold by patient_id ({int(s[~missing].nunique())} patients"
+    if missing.any():
+        text += f"; {int(missing.sum())} image(s) without an id are each a group of their own"
+    return groups, text + ")"
 
 
 def audit_manifest(
@@ -772,7 +796,7 @@ def audit_manifest(
     split_arr = np.array(splits, dtype=object)
     label_arr = np.array(labels, dtype=object)
     cross_pairs = split_arr[gi] != split_arr[gj] if len(gi) else np.zeros(0, dtype=bool)
-    groups = _union_find_groups(len(ok_idx), pi, pj)
+    groups = _connected_groups(len(ok_idx), pi, pj)
     members: dict[int, list[int]] = defaultdict(list)
     for local, g in enumerate(groups):
         members[g].append(int(ok_idx[local]))
@@ -787,7 +811,7 @@ def audit_manifest(
             "64-bit dHash (9x8, 1% dead zone) within `threshold` bits"
             + ("" if min_correlation is None else
                f", confirmed by high-passed 32x32 thumbnail correlation >= {min_correlation}")
-            + "; clusters by union-find"
+            + "; clusters = connected components of the pairs"
         ),
         "n_pairs": int(len(gi)),
         "n_cross_split_pairs": int(cross_pairs.sum()),
@@ -815,6 +839,7 @@ def audit_manifest(
     # ---- patients ----------------------------------------------------------------------------
     pid_col = df["patient_id"] if "patient_id" in df.columns else None
     pstat = _patient_status(pid_col)
+    cv_groups, cv_split = _cv_groups(pid_col, pstat)
     overlap_list: list[dict] = []
     n_overlap_images = 0
     if pid_col is not None and pstat["status"] in ("real", "all_unique"):
@@ -873,7 +898,8 @@ def audit_manifest(
             x = np.array([v for v, k in zip(vals, keep) if k], dtype=object)
             if not categorical:
                 x = x.astype(np.float64)
-            props[prop] = _shortcut_property(prop, x, y_all[keep], categorical)
+            props[prop] = _shortcut_property(prop, x, y_all[keep], categorical,
+                                             None if cv_groups is None else cv_groups[keep])
         if "source" in props and not props["source"].get("constant"):
             src_classes = defaultdict(set)
             for s_, c in zip(columns["source"], labels):
@@ -900,7 +926,8 @@ def audit_manifest(
         if r["separable_classes"]:
             warnings.append(
                 f"SHORTCUT: '{p}' alone separates class(es) {r['separable_classes']} "
-                f"(cross-validated balanced accuracy {r['balanced_accuracy']:.2f}, chance "
+                f"(cross-validated balanced accuracy {r['balanced_accuracy']:.2f} with "
+                f"{'patient-grouped' if cv_groups is not None else 'image-level'} folds, chance "
                 f"{r['baseline']:.2f}{hint}){caveat}. A model can learn this instead of the disease."
             )
         for sg in [g for g in r["pure_subgroups"] if g["class"] not in r["separable_classes"]][:3]:
@@ -915,12 +942,14 @@ def audit_manifest(
             warnings.append(f"Note on '{p}': {r['note']}.")
     shortcuts = {
         "criterion": (
-            f"5-fold cross-validated balanced accuracy of the property alone (depth-2 decision tree "
-            f"for numbers, value->class table for categories) >= {SHORTCUT_BALANCED_ACCURACY} for a "
+            f"cross-validated (up to 5 folds, {cv_split}) balanced accuracy of the property alone "
+            f"(depth-2 decision tree for numbers, value->class table for categories) "
+            f">= {SHORTCUT_BALANCED_ACCURACY} for a "
             f"class vs the rest with >= {MIN_CLASS_SUPPORT} images in the class; or a pure subgroup "
             f"(one value, >= {SUBGROUP_MIN_SIZE} images, >= {SUBGROUP_MIN_PURITY:.0%} one class, "
             f">= {SUBGROUP_MIN_COVERAGE:.0%} of it, p < {SUBGROUP_MAX_P:g})"
         ),
+        "cv_split": cv_split,
         "flagged": flagged,
         "properties": props,
     }

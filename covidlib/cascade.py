@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidlib import config
+from covidlib import config, evaluate
 
 
 @dataclass(frozen=True)
@@ -158,26 +158,33 @@ def _rates(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
     return float(sens), float(spec)
 
 
-def _ci(values: np.ndarray) -> list[float] | None:
-    values = values[~np.isnan(values)]
-    if len(values) < 10:
-        return None
-    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+def _boot_rates(truth: np.ndarray, pred: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """Sensitivity and specificity (columns) in each patient resample; NaN where undefined."""
+    if len(truth) == 0:
+        return np.full((n_boot, 2), np.nan)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(truth), size=(n_boot, len(truth)))
+    t, p = truth[idx], pred[idx]
+    pos, neg = t.sum(axis=1), (~t).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sens = np.where(pos > 0, (p & t).sum(axis=1) / pos, np.nan)
+        spec = np.where(neg > 0, (~p & ~t).sum(axis=1) / neg, np.nan)
+    return np.stack([sens, spec], axis=1)
 
 
 def summarize(routed: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> dict:
     """Cascade sensitivity / specificity with patient-bootstrap 95% CIs and routing counts.
 
     Also reports the phase-1 X-ray alone and "CT for everyone" on the same patients, so the
-    price of skipping CTs is visible.
+    price of skipping CTs is visible. Intervals follow covidlib's one bootstrap rule
+    (``evaluate.CI_RULE``, stated in the block as ``ci_rule``): null unless the rate is defined
+    in at least 90 % of the resamples.
     """
     truth = routed["truth_positive"].to_numpy(bool)
     final = routed["final_positive"].to_numpy(bool)
     xray_only = routed["xray_positive"].to_numpy(bool)
     ct_all = (routed["ct_class"] == config.POSITIVE_LABEL).to_numpy(bool)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(routed), size=(n_boot, len(routed)))
-    boot = np.array([_rates(truth[i], final[i]) for i in idx]) if n_boot else np.empty((0, 2))
+    boot = _boot_rates(truth, final, n_boot, seed) if n_boot > 0 else np.empty((0, 2))
     sens, spec = _rates(truth, final)
     missed = truth & ~xray_only
     block = {
@@ -186,8 +193,10 @@ def summarize(routed: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> dic
         "simulated": bool(routed["simulated"].any()) if "simulated" in routed else False,
         "sensitivity": _none(sens),
         "specificity": _none(spec),
-        "ci95": {"sensitivity": _ci(boot[:, 0]) if n_boot else None,
-                 "specificity": _ci(boot[:, 1]) if n_boot else None},
+        "ci95": {"sensitivity": evaluate.percentile_ci(boot[:, 0], n_boot),
+                 "specificity": evaluate.percentile_ci(boot[:, 1], n_boot)},
+        "ci_unit": "patient",
+        "ci_rule": evaluate.CI_RULE,
         "ct_fraction": float(routed["sent_to_ct"].mean()),
         "routes": {k: int(v) for k, v in routed["route"].value_counts().items()},
         "phase1_missed_positives": int(missed.sum()),

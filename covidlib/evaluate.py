@@ -2,7 +2,8 @@
 
 Conventions (the metrics block of docs/CONTRACTS.md):
 
-* AUC is always computed from probabilities, never from hard labels. Multi-class ``auc_macro``
+* AUC is computed from probabilities (for the hard vote: from its ranking score, ``output:
+  "score"``; AUC needs only an ordering), never from hard labels. Multi-class ``auc_macro``
   is the mean one-vs-rest AUC over the classes for which it is defined (the class and its
   complement both present). Binary problems report the AUC of the positive class:
   ``"covid"`` if it is among the classes, else the class at index 1.
@@ -11,9 +12,17 @@ Conventions (the metrics block of docs/CONTRACTS.md):
   than silently counted as 0.
 * Anything undefined (division by zero, class absent) is ``None``; nothing here warns or
   crashes on such cases.
+* Calibration (ECE, reliability, temperature fitted on validation) is only for outputs that are
+  probabilities; a score's block says ``"calibration": {"applicable": false, "reason": ...}``
+  (:func:`calibration_block`). Every block states ``output`` and ``calibrated`` (always
+  ``false``: the metrics are of the raw outputs, temperature scaling shows only in
+  ``calibration``).
 * Confidence intervals are 95 % percentile bootstrap intervals. With patient ids the
   PATIENTS are resampled (cluster bootstrap): slices of one patient are not independent,
-  and resampling images would give intervals that are too narrow.
+  and resampling images would give intervals that are too narrow. One rule for resamples in
+  which a metric is undefined holds everywhere (:data:`CI_RULE`): an interval is reported only
+  when the metric is defined in at least 90 % of them. Two models tested on the same cases are
+  compared with a PAIRED bootstrap of their difference (:func:`paired_bootstrap_diff`).
 
 Bootstrap resamples are represented as a weight matrix (resample x image: how often each
 image was drawn), which makes every metric a vectorised weighted computation.
@@ -21,7 +30,7 @@ image was drawn), which makes every metric a vectorised weighted computation.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -230,6 +239,93 @@ def compute_metrics(y_true: Any, probs: Any, classes: Sequence[str]) -> dict:
 # --------------------------------------------------------------------------------------
 
 
+# The one rule for every bootstrap interval in covidlib (metrics blocks, the enhancement
+# ablation, the cascade): resamples in which a metric is undefined (an AUC when the resample
+# holds one class, a sensitivity without positives) are dropped, and dropping many of them biases
+# the interval towards the resamples that happened to keep every class. So an interval is only
+# reported when the metric is defined in at least MIN_DEFINED_FRACTION of the resamples.
+MIN_DEFINED_FRACTION: float = 0.9
+CI_RULE: str = (
+    f"95% percentile bootstrap interval; resamples in which the metric is undefined are dropped "
+    f"and the interval is reported only when the metric is defined in at least "
+    f"{MIN_DEFINED_FRACTION:.0%} of the resamples (otherwise null)"
+)
+
+
+def percentile_ci(values: Any, n_boot: int | None = None) -> list[float] | None:
+    """The 95 % percentile interval of bootstrap replicates under :data:`CI_RULE`.
+
+    Args:
+        values: the metric in each resample; NaN (or None) where it is undefined.
+        n_boot: how many resamples were drawn (default ``len(values)``).
+
+    Returns:
+        ``[lo, hi]``; ``None`` when fewer than ``MIN_DEFINED_FRACTION`` of the resamples (or
+        fewer than two) define the metric.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    n = len(v) if n_boot is None else int(n_boot)
+    v = v[np.isfinite(v)]
+    # The epsilon keeps 0.9 * 30 = 27.000000000000004 from asking for 28 resamples.
+    if n < 1 or len(v) < max(2, math.ceil(MIN_DEFINED_FRACTION * n - 1e-9)):
+        return None
+    lo, hi = np.percentile(v, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def bootstrap_groups(df: pd.DataFrame) -> tuple[np.ndarray | None, str]:
+    """Resampling units of a predictions table and their name (the ``ci_unit``).
+
+    Returns:
+        ``(patient ids, "patient")`` when every row has a patient id and some patient has
+        several images; otherwise ``(None, "image")`` (images are resampled).
+    """
+    pid = _patient_ids(df)
+    if pid is not None and len(np.unique(pid)) < len(pid):
+        return pid, "patient"
+    return None, "image"
+
+
+def _metric_keys(classes: list[str], metrics: Sequence[str]) -> tuple[str, ...]:
+    """Kernel names of public metric names (``auc:<class>`` -> ``auc#<index>``)."""
+    per_class = {f"auc:{c}": f"auc#{k}" for k, c in enumerate(classes)}
+    unknown = set(metrics) - set(DEFAULT_METRICS) - set(per_class)
+    if unknown:
+        raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from "
+                         f"{list(DEFAULT_METRICS) + list(per_class)}")
+    return tuple(per_class.get(m, m) for m in metrics)
+
+
+def _resampling_units(groups: Any, n: int) -> tuple[np.ndarray, int]:
+    """Unit index of each row (its patient, or the row itself without groups) and the count."""
+    if groups is None:
+        return np.arange(n), n
+    g = np.asarray(groups)
+    if len(g) != n:
+        raise ValueError(f"groups has {len(g)} entries for {n} predictions")
+    _, gid = np.unique(g.astype(str), return_inverse=True)
+    return gid.ravel(), (int(gid.max()) + 1 if n else 0)
+
+
+def _resample_weights(gid: np.ndarray, n_units: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Bootstrap resamples as weight matrices (resamples x rows), yielded in chunks.
+
+    Units are drawn with replacement; a row's weight is how often its unit was drawn. Equal
+    seeds give equal resamples: that is what pairs two models scored on the same cases.
+    """
+    rng = np.random.default_rng(seed)
+    # Chunk so the (resamples x images) weight matrix stays a few tens of MB.
+    chunk = max(1, min(n_boot, 4_000_000 // max(len(gid), n_units, 1)))
+    done = 0
+    while done < n_boot:
+        b = min(chunk, n_boot - done)
+        draws = rng.integers(0, n_units, size=(b, n_units))
+        counts = np.bincount((draws + n_units * np.arange(b)[:, None]).ravel(),
+                             minlength=b * n_units).reshape(b, n_units).astype(np.float64)
+        yield counts[:, gid]
+        done += b
+
+
 def bootstrap_ci(
     y_true: Any,
     probs: Any,
@@ -239,7 +335,7 @@ def bootstrap_ci(
     seed: int = 0,
     metrics: Sequence[str] = DEFAULT_METRICS,
 ) -> dict[str, list[float] | None]:
-    """95 % percentile bootstrap intervals for summary metrics.
+    """95 % percentile bootstrap intervals for summary metrics (rule: :data:`CI_RULE`).
 
     Args:
         y_true: int class indices, shape (n,).
@@ -253,55 +349,112 @@ def bootstrap_ci(
             class's one-vs-rest AUC.
 
     Returns:
-        ``{metric: [lo, hi]}``; ``None`` for a metric undefined in most resamples (e.g. AUC
-        with one class) or when there is nothing to resample.
+        ``{metric: [lo, hi]}``; ``None`` for a metric defined in fewer than
+        ``MIN_DEFINED_FRACTION`` of the resamples (e.g. AUC with one class) or when there is
+        nothing to resample.
     """
     classes = list(classes)
     y, p = _check_arrays(y_true, probs, len(classes))
-    metrics = tuple(metrics)
-    per_class = {f"auc:{c}": f"auc#{k}" for k, c in enumerate(classes)}
-    unknown = set(metrics) - set(DEFAULT_METRICS) - set(per_class)
-    if unknown:
-        raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from "
-                         f"{list(DEFAULT_METRICS) + list(per_class)}")
-    public = metrics
-    metrics = tuple(per_class.get(m, m) for m in metrics)
+    public = tuple(metrics)
+    keys = _metric_keys(classes, public)
     n = len(y)
     if n == 0 or n_boot < 1:
         return {m: None for m in public}
-    if groups is not None:
-        g = np.asarray(groups)
-        if len(g) != n:
-            raise ValueError(f"groups has {len(g)} entries for {n} predictions")
-        _, gid = np.unique(g.astype(str), return_inverse=True)
-        n_units = int(gid.max()) + 1
-    else:
-        gid, n_units = np.arange(n), n
+    gid, n_units = _resampling_units(groups, n)
     pos = positive_index(classes) if len(classes) == 2 else 0
-    rng = np.random.default_rng(seed)
-    # Chunk so the (resamples x images) weight matrix stays a few tens of MB.
-    chunk = max(1, min(n_boot, 4_000_000 // max(n, n_units)))
-    vals: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
-    done = 0
-    while done < n_boot:
-        b = min(chunk, n_boot - done)
-        draws = rng.integers(0, n_units, size=(b, n_units))
-        counts = np.bincount((draws + n_units * np.arange(b)[:, None]).ravel(),
-                             minlength=b * n_units).reshape(b, n_units).astype(np.float64)
-        W = counts[:, gid]
-        for m, v in _weighted_metrics(W, y, p, pos, metrics).items():
-            vals[m].append(v)
-        done += b
-    out: dict[str, list[float] | None] = {}
-    for name, m in zip(public, metrics):
-        v = np.concatenate(vals[m])
-        v = v[np.isfinite(v)]
-        # Dropping undefined resamples biases the interval; only accept a small loss.
-        if len(v) < max(2, 0.9 * n_boot):
-            out[name] = None
-        else:
-            lo, hi = np.percentile(v, [2.5, 97.5])
-            out[name] = [float(lo), float(hi)]
+    vals: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    for W in _resample_weights(gid, n_units, n_boot, seed):
+        for k, v in _weighted_metrics(W, y, p, pos, keys).items():
+            vals[k].append(v)
+    return {name: percentile_ci(np.concatenate(vals[k]), n_boot) for name, k in zip(public, keys)}
+
+
+def _arm(y_true: Any, probs: Any, n_classes: int, name: str) -> list[np.ndarray]:
+    """The probability matrices of one arm of a paired comparison, checked against ``y_true``."""
+    is_matrix = isinstance(probs, (np.ndarray, pd.DataFrame)) and np.ndim(probs) == 2
+    mats = [probs] if is_matrix else list(probs)
+    if not mats:
+        raise ValueError(f"{name} holds no probability matrix")
+    return [_check_arrays(y_true, m, n_classes)[1] for m in mats]
+
+
+def _arm_scores(W: np.ndarray, y: np.ndarray, mats: list[np.ndarray], pos: int,
+                keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Each metric per row of ``W``, averaged over an arm's matrices (NaN if any is undefined)."""
+    total = {k: np.zeros(len(W)) for k in keys}
+    for p in mats:
+        for k, v in _weighted_metrics(W, y, p, pos, keys).items():
+            total[k] += v
+    return {k: v / len(mats) for k, v in total.items()}
+
+
+def paired_bootstrap_diff(
+    y_true: Any,
+    probs_a: Any,
+    probs_b: Any,
+    classes: Sequence[str],
+    groups: Any = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    metrics: Sequence[str] = ("auc_macro", "accuracy"),
+) -> dict[str, dict[str, Any]]:
+    """Paired bootstrap of ``metric(A) - metric(B)`` for two models tested on the same cases.
+
+    Every replicate scores both arms on the SAME resample, so the interval measures how much
+    the models differ, not how much each score moves between test sets (two separate CIs that
+    overlap answer that weaker question). An arm may hold several probability matrices for the
+    same rows, e.g. one per training seed: its score in a replicate is the mean over them, so the
+    difference is the seed-averaged difference and no single initialisation decides.
+
+    Args:
+        y_true: int class indices, shape (n,), shared by every matrix.
+        probs_a: one (n, K) probability matrix or a sequence of them (arm A).
+        probs_b: the same for arm B, the reference (e.g. no enhancement).
+        classes: class names in column order.
+        groups: patient id per row: patients are resampled with all their images (cluster
+            bootstrap). None resamples images.
+        n_boot: number of resamples.
+        seed: RNG seed; equal seeds give equal resamples.
+        metrics: as in :func:`bootstrap_ci`.
+
+    Returns:
+        ``{metric: {"a", "b", "diff", "a_ci", "b_ci", "diff_ci", "n_defined"}}``: point values
+        on the whole test set (arm means over their matrices), 95 % intervals under
+        :data:`CI_RULE` (``None`` when not reportable) and the number of replicates in which
+        the difference is defined.
+
+    Raises:
+        ValueError: an arm is empty, or a matrix does not fit ``y_true`` / ``classes``.
+    """
+    classes = list(classes)
+    # Check the labels once against a dummy matrix; each arm's matrices are checked in _arm.
+    y = _check_arrays(y_true, np.zeros((len(np.asarray(y_true)), len(classes))), len(classes))[0]
+    arms = [_arm(y, probs_a, len(classes), "probs_a"), _arm(y, probs_b, len(classes), "probs_b")]
+    public = tuple(metrics)
+    keys = _metric_keys(classes, public)
+    n = len(y)
+    empty = {"a": None, "b": None, "diff": None, "a_ci": None, "b_ci": None, "diff_ci": None,
+             "n_defined": 0}
+    if n == 0:
+        return {m: dict(empty) for m in public}
+    gid, n_units = _resampling_units(groups, n)
+    pos = positive_index(classes) if len(classes) == 2 else 0
+    point = [_arm_scores(np.ones((1, n)), y, mats, pos, keys) for mats in arms]
+    reps: dict[str, list[list[np.ndarray]]] = {k: [[], []] for k in keys}
+    for W in _resample_weights(gid, n_units, max(int(n_boot), 0), seed):
+        for side, mats in enumerate(arms):
+            for k, v in _arm_scores(W, y, mats, pos, keys).items():
+                reps[k][side].append(v)
+    out: dict[str, dict[str, Any]] = {}
+    for name, k in zip(public, keys):
+        ra, rb = (np.concatenate(r) if r else np.zeros(0) for r in reps[k])
+        diff = ra - rb
+        out[name] = {
+            "a": _nan_to_none(point[0][k][0]), "b": _nan_to_none(point[1][k][0]),
+            "diff": _nan_to_none(point[0][k][0] - point[1][k][0]),
+            "a_ci": percentile_ci(ra, n_boot), "b_ci": percentile_ci(rb, n_boot),
+            "diff_ci": percentile_ci(diff, n_boot), "n_defined": int(np.isfinite(diff).sum()),
+        }
     return out
 
 
@@ -392,6 +545,61 @@ def fit_temperature(probs_val: Any, y_val: Any, bounds: tuple[float, float] = (0
     res = minimize_scalar(nll, bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded",
                           options={"xatol": 1e-4})
     return float(math.exp(res.x))
+
+
+#: What a predictions table's class columns hold, and their name prefix. A ``"score"`` (the hard
+#: vote's) ranks images, so AUC applies, but it is no probability: no calibration.
+OUTPUT_PREFIX: dict[str, str] = {"probability": "p_", "score": "score_"}
+SCORE_NOT_CALIBRATABLE = ("a ranking score, not a probability (the hard vote's (votes + mean "
+                          "probability) / (n_members + 1)): ECE, reliability diagrams and temperature "
+                          "scaling do not apply; AUC is computed from the score as a ranking")
+
+
+def calibration_block(y: Any, probs: Any, y_val: Any = None, probs_val: Any = None, *,
+                      output: str = "probability") -> dict:
+    """The ``calibration`` entry of a metrics block.
+
+    Args:
+        y, probs: test class indices and outputs.
+        y_val, probs_val: validation ones; the temperature is fitted there (never on test).
+        output: ``"probability"`` or ``"score"`` (:data:`OUTPUT_PREFIX`).
+
+    Returns:
+        ``{"applicable": True, "ece", "temperature", "ece_after_temperature", "reliability", "note"}``
+        for probabilities (``ece`` of the uncalibrated ones; temperature fields ``None`` without
+        validation data), or ``{"applicable": False, "reason", ...}`` with those fields ``None``
+        for a score.
+    """
+    if output not in OUTPUT_PREFIX:
+        raise ValueError(f"output must be one of {list(OUTPUT_PREFIX)}, got {output!r}")
+    if output == "score":
+        return {"applicable": False, "reason": SCORE_NOT_CALIBRATABLE, "ece": None,
+                "temperature": None, "ece_after_temperature": None, "reliability": None}
+    T = fit_temperature(probs_val, y_val) if y_val is not None and len(y_val) else None
+    return {
+        "applicable": True,
+        "ece": expected_calibration_error(y, probs),
+        "temperature": T,
+        "ece_after_temperature": expected_calibration_error(y, apply_temperature(probs, T)) if T else None,
+        "reliability": reliability_curve(y, probs),
+        "note": "ece: the uncalibrated probabilities; ece_after_temperature: softmax(log p / T), "
+                "T fitted on validation",
+    }
+
+
+def _score_columns_as_p(df: pd.DataFrame, classes: Sequence[str], output: str) -> pd.DataFrame:
+    """A score table's ``score_<class>`` columns under the ``p_`` names the metric code reads.
+
+    Only inside :func:`evaluate_predictions`, whose block then says ``"output": "score"``.
+    """
+    if output == "probability":
+        return df
+    prefix = OUTPUT_PREFIX[output]
+    missing = [f"{prefix}{c}" for c in classes if f"{prefix}{c}" not in df.columns]
+    if missing:
+        raise ValueError(f"a {output} table needs column(s) {missing}; has {list(df.columns)}")
+    stale = [f"p_{c}" for c in classes if f"p_{c}" in df.columns]
+    return df.drop(columns=stale).rename(columns={f"{prefix}{c}": f"p_{c}" for c in classes})
 
 
 # --------------------------------------------------------------------------------------
@@ -533,6 +741,8 @@ def evaluate_predictions(
     val_df: pd.DataFrame | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    *,
+    output: str = "probability",
 ) -> dict:
     """The full metrics block of docs/CONTRACTS.md for one predictions table.
 
@@ -545,13 +755,21 @@ def evaluate_predictions(
             fields are ``None`` and the aggregation is ``"mean"``.
         n_boot: bootstrap resamples for the CIs.
         seed: bootstrap seed.
+        output: what the class columns hold: ``"probability"`` (``p_<class>``) or
+            ``"score"`` (``score_<class>``, the hard vote's ranking score: AUC and the rates are
+            computed from it, calibration is marked not applicable; see :func:`calibration_block`).
 
     Returns:
-        A JSON-serialisable dict: ``compute_metrics`` fields plus ``ci95``, ``ci_unit``
-        (``"patient"`` or ``"image"``), ``ci_note`` (when images are resampled),
-        ``calibration`` and ``patient_level``.
+        A JSON-serialisable dict: ``compute_metrics`` fields plus ``output``, ``calibrated``
+        (``False``: the metrics are those of the raw outputs; temperature scaling shows only in
+        ``calibration``), ``ci95``, ``ci_unit`` (``"patient"`` or ``"image"``), ``ci_rule``
+        (:data:`CI_RULE`: when an interval is reported at all), ``ci_note`` (when
+        images are resampled), ``calibration`` and ``patient_level``.
     """
     classes = list(classes)
+    if output not in OUTPUT_PREFIX:
+        raise ValueError(f"output must be one of {list(OUTPUT_PREFIX)}, got {output!r}")
+    test_df = _score_columns_as_p(test_df, classes, output)
     y, p = predictions_to_arrays(test_df, classes)
     out = compute_metrics(y, p, classes)
     pid = _patient_ids(test_df)
@@ -562,6 +780,7 @@ def evaluate_predictions(
         metrics=[f"auc:{c}" for c in classes])
     out["ci95_auc_per_class"] = {c: out["ci95_auc_per_class"][f"auc:{c}"] for c in classes}
     out["ci_unit"] = "patient" if clustered else "image"
+    out["ci_rule"] = CI_RULE
     if not clustered:
         out["ci_note"] = ("no patient ids: images resampled as if independent; CIs are too narrow if "
                           "several images come from one patient" if pid is None else
@@ -569,15 +788,11 @@ def evaluate_predictions(
 
     y_val = p_val = pid_val = None
     if val_df is not None and len(val_df):
-        y_val, p_val = predictions_to_arrays(val_df, classes)
+        y_val, p_val = predictions_to_arrays(_score_columns_as_p(val_df, classes, output), classes)
         pid_val = _patient_ids(val_df)
-    T = fit_temperature(p_val, y_val) if y_val is not None else None
-    out["calibration"] = {
-        "ece": expected_calibration_error(y, p),
-        "temperature": T,
-        "ece_after_temperature": expected_calibration_error(y, apply_temperature(p, T)) if T else None,
-        "reliability": reliability_curve(y, p),
-    }
+    out["output"] = output
+    out["calibrated"] = False
+    out["calibration"] = calibration_block(y, p, y_val, p_val, output=output)
 
     if pid is None:
         out["patient_level"] = {"method": None, "n_patients": None, "accuracy": None, "f1_macro": None,

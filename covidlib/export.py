@@ -1,7 +1,10 @@
 """Export a trained covidlib model (one backbone or the saved ensemble) for serving.
 
 Three formats, all taking raw grayscale 0..255 images ``(n, S, S, 1)`` float32 (preprocessing,
-and for the ensemble the vote, are inside the graph):
+and for the ensemble the vote, are inside the graph). They output what the Keras model does: a
+backbone's uncalibrated softmax probabilities; for the ensemble, what ``models/ensemble/config.json``
+``"output"`` says (``"score"`` for the hard vote: a ranking score, not a probability; see
+:mod:`covidlib.ensemble`):
 
 * ``savedmodel`` -- TensorFlow SavedModel (``model.export(..., format="tf_saved_model")``),
   signature ``serving_default`` with input ``image``; TF Serving / ``tf.saved_model.load``.
@@ -306,13 +309,18 @@ def _write_meta(out: Path, model: Any, shape: tuple, src_dir: Path | None,
     if src_dir is not None and (src_dir / "labels.json").is_file():
         classes = json.loads((src_dir / "labels.json").read_text())
         _write_bytes(out / "labels.json", json.dumps(classes).encode())
+    cfg = src_dir / "config.json" if src_dir is not None else None
+    kind = json.loads(cfg.read_text()).get("output", "probability") if cfg and cfg.is_file() else "probability"
     meta = {
         "source": str(src_dir) if src_dir is not None else model.name,
         "model": model.name,
         "classes": classes,
         "input": {"name": "image", "shape": [None, *shape[1:]], "dtype": "float32",
                   "values": "raw grayscale 0..255 (preprocessing is inside the model)"},
-        "output": "class probabilities (n, k) in the order of labels.json",
+        # A hard-vote ensemble outputs a ranking score: say so wherever the export travels.
+        "output": ("hard-vote ranking scores (n, k), NOT probabilities, in the order of labels.json"
+                   if kind == "score" else
+                   "class probabilities (n, k), uncalibrated, in the order of labels.json"),
         "formats": {k: v.name for k, v in written.items()},
     }
     _write_bytes(out / "export.json", json.dumps(meta, indent=2).encode())

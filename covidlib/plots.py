@@ -578,6 +578,8 @@ def plot_reliability_diagram(
     n_bins: int = 15,
     probs_calibrated: Any = None,
     title: str | None = None,
+    *,
+    output: str = "probability",
 ) -> Figure:
     """Top-label reliability diagram (accuracy vs confidence per bin) with ECE in the legend.
 
@@ -588,10 +590,19 @@ def plot_reliability_diagram(
         n_bins: equal-width confidence bins.
         probs_calibrated: the temperature-scaled probabilities, overlaid when given.
         title: figure title.
+        output: what ``probs`` holds; ``"score"`` (the hard vote's ranking score) is refused:
+            a score has no calibration to draw, and its diagram would read as a miscalibration.
 
     Bins and ECE come from ``covidlib.evaluate.reliability_curve`` /
     ``expected_calibration_error``. A histogram of confidences sits underneath.
+
+    Raises:
+        ValueError: bad shapes or bins, or ``output`` other than ``"probability"``.
     """
+    if output != "probability":
+        raise ValueError(f"plot_reliability_diagram: output {output!r} is not a probability; a "
+                         "reliability diagram applies only to probabilities (the hard vote's "
+                         "ranking score has none)")
     if int(n_bins) < 1:
         raise ValueError(f"plot_reliability_diagram: n_bins must be >= 1, got {n_bins}")
     n_bins = int(n_bins)
@@ -721,41 +732,55 @@ def plot_prediction_grid(
 
 
 def plot_ablation(
-    table: pd.DataFrame, path: str | os.PathLike | None = None, metric: str = "accuracy"
+    table: pd.DataFrame, path: str | os.PathLike | None = None, metric: str = "auc_macro"
 ) -> Figure:
     """Bar chart of one metric per enhancement pipeline, with 95% CI error bars.
 
     Args:
-        table: DataFrame with ``pipeline, <metric>`` and optionally ``<metric>_lo, <metric>_hi``.
+        table: DataFrame with ``pipeline`` and ``<metric>_mean`` (the ablation's seed mean) or
+            ``<metric>``, optionally ``<metric>_lo, <metric>_hi``; when ``<metric>_diff_vs_none``
+            is there too, a second panel shows the paired difference to ``none`` and the verdict.
         path: optional PNG path.
-        metric: the column to draw.
+        metric: the metric to draw.
     """
-    _require_columns(table, ["pipeline", metric], "plot_ablation")
+    column = f"{metric}_mean" if f"{metric}_mean" in table.columns else metric
+    if column not in table.columns or "pipeline" not in table.columns:
+        raise ValueError(f"plot_ablation: missing column(s) ['pipeline', {metric!r}] "
+                         f"(or {metric}_mean); got {list(table.columns)}")
     if table.empty:
         raise ValueError("plot_ablation: table is empty")
-    vals = pd.to_numeric(table[metric], errors="coerce").to_numpy(dtype=float)
+
     def _col(name: str) -> np.ndarray:
         if name not in table.columns:
             return np.full(len(table), np.nan)
         return pd.to_numeric(table[name], errors="coerce").to_numpy(dtype=float)
 
-    lo, hi = _col(f"{metric}_lo"), _col(f"{metric}_hi")
-    err = np.vstack([np.where(np.isfinite(lo), vals - lo, 0.0), np.where(np.isfinite(hi), hi - vals, 0.0)])
-    err = np.clip(np.nan_to_num(err), 0.0, None)
+    paired = f"{metric}_diff_vs_none" in table.columns
     names = table["pipeline"].astype(str).tolist()
-    fig, axes = _new_figure(figsize=(max(5.0, 0.9 * len(names) + 2.5), 4.4))
-    ax = axes[0, 0]
-    x = np.arange(len(names))
-    bars = ax.bar(x, np.nan_to_num(vals), yerr=err, capsize=4, color="#1f77b4", alpha=0.85)
-    ax.bar_label(bars, labels=["n/a" if not np.isfinite(v) else f"{v:.3f}" for v in vals], fontsize=8,
-                 padding=2, label_type="center")
-    ax.set_xticks(x, names, rotation=30, ha="right")
-    ax.set_ylabel(metric)
-    finite = np.concatenate([vals[np.isfinite(vals)], hi[np.isfinite(hi)]])
-    if finite.size and finite.min() >= 0 and finite.max() <= 1:
-        ax.set_ylim(0, 1.05)
-    ax.set_title(f"Enhancement ablation: {metric} (95% CI)")
-    ax.grid(axis="y", alpha=0.3)
+    fig, axes = _new_figure(ncols=2 if paired else 1,
+                            figsize=(max(5.0, 0.9 * len(names) + 2.5) * (2 if paired else 1), 4.4))
+    panels = [(column, f"{metric}_lo", f"{metric}_hi", f"{metric} (95% CI)")]
+    if paired:
+        panels.append((f"{metric}_diff_vs_none", f"{metric}_diff_lo", f"{metric}_diff_hi",
+                       f"paired difference to none (95% CI)"))
+    for ax, (col, lo_name, hi_name, title) in zip(axes[0], panels):
+        vals, lo, hi = _col(col), _col(lo_name), _col(hi_name)
+        err = np.vstack([np.where(np.isfinite(lo), vals - lo, 0.0),
+                         np.where(np.isfinite(hi), hi - vals, 0.0)])
+        x = np.arange(len(names))
+        bars = ax.bar(x, np.nan_to_num(vals), yerr=np.clip(np.nan_to_num(err), 0.0, None),
+                      capsize=4, color="#1f77b4", alpha=0.85)
+        ax.bar_label(bars, labels=["n/a" if not np.isfinite(v) else f"{v:.3f}" for v in vals],
+                     fontsize=8, padding=2, label_type="center")
+        ax.set_xticks(x, names, rotation=30, ha="right")
+        ax.set_ylabel(metric)
+        finite = np.concatenate([vals[np.isfinite(vals)], hi[np.isfinite(hi)]])
+        if col == column and finite.size and finite.min() >= 0 and finite.max() <= 1:
+            ax.set_ylim(0, 1.05)
+        if col != column:
+            ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_title(f"Enhancement ablation: {title}")
+        ax.grid(axis="y", alpha=0.3)
     return _finish(fig, path)
 
 

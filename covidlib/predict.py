@@ -6,7 +6,19 @@ member was trained (the enhancement recorded in its ``config.json``, then
 :func:`covidlib.data.square_resize` to its ``img_size``), runs every member and combines them with
 :func:`covidlib.ensemble.combine`. One row per image::
 
-    path, prediction, vote:p_<class>..., <NAME>:p_<class>..., [gradcam_<NAME>..., gradcam_vote], error
+    path, prediction, vote:p_<class>... | vote:score_<class>..., vote:votes, vote:agreement,
+    <NAME>:p_<class>..., [gradcam_<NAME>..., gradcam_vote], error
+
+What the numbers are (:func:`describe_columns`; also ``df.attrs["columns"]``, the
+``<out>.columns.json`` file next to a written CSV, and a line of :func:`format_table`):
+
+* ``<NAME>:p_<class>``: the member's softmax probability, **uncalibrated** (no temperature scaling).
+* soft / weighted vote: ``vote:p_<class>``, the (weighted) mean of those: a probability, uncalibrated.
+* hard vote: ``vote:score_<class>``, a **ranking score** ``(votes_c + mean p_c) / (n_members + 1)``:
+  its arg-max is the voted class and it ranks images (ROC / AUC), but it is not a probability, so
+  it never carries a ``p_`` name.
+* ``vote:votes``: how many members' own top class is the vote's class; ``vote:agreement``: that
+  divided by the number of members (1.0 = unanimous).
 
 A file that cannot be read gets a row with only ``path`` and ``error`` filled: one bad file never
 stops the batch and is never dropped. Models are loaded in Keras safe mode
@@ -39,7 +51,13 @@ __all__ = [
     "predict_paths",
     "write_predictions",
     "format_table",
+    "describe_columns",
+    "columns_path",
 ]
+
+_MEMBER_NOTE = "softmax probability of member {name}, uncalibrated (no temperature scaling)"
+_VOTES_NOTE = "number of members whose own top class is the vote's class"
+_AGREEMENT_NOTE = "vote:votes / number of members (1.0 = unanimous)"
 
 
 @dataclass
@@ -313,6 +331,10 @@ class _Run:
         self.members = members
         self.classes = members[0].classes
         self.method, self.weights = method, weights
+        from covidlib.ensemble import OUTPUT_PREFIX, output_kind
+
+        self.output = output_kind(method)
+        self.vote_prefix = f"vote:{OUTPUT_PREFIX[self.output]}"  # vote:p_ or vote:score_
         self.gradcam_dir = gradcam_dir
         self.batch_size = batch_size
         self.enhanced = enhanced
@@ -324,7 +346,7 @@ class _Run:
 
     def flush(self, pending: list[tuple[str, np.ndarray]]) -> None:
         """Predict a chunk of readable images and append their rows (in input order)."""
-        from covidlib.ensemble import combine
+        from covidlib.ensemble import combine, member_votes
         from covidlib.models import check_input_scale
 
         by_key = {m.prep_key: m for m in self.members}
@@ -347,8 +369,10 @@ class _Run:
                 check_input_scale(x, where="predict batch")
                 inputs[pk] = x
             probs = {m.name: _predict(m.model, inputs[m.prep_key], self.batch_size) for m in self.members}
-            vote = combine([probs[m.name] for m in self.members], self.method, self.weights)
+            member_probs = [probs[m.name] for m in self.members]
+            vote = combine(member_probs, self.method, self.weights)
             winner = vote.argmax(axis=1)
+            n_votes = member_votes(member_probs, winner)
             row_ids = []
             n = len(self.rows)
             for k, e in order:
@@ -362,7 +386,9 @@ class _Run:
                 self.error_row(key, err)
                 continue
             row: dict[str, Any] = {"path": key, "prediction": config.display_name(self.classes[winner[i]])}
-            row.update({f"vote:p_{c}": float(vote[i, j]) for j, c in enumerate(self.classes)})
+            row.update({f"{self.vote_prefix}{c}": float(vote[i, j]) for j, c in enumerate(self.classes)})
+            row["vote:votes"] = int(n_votes[i])
+            row["vote:agreement"] = float(n_votes[i]) / len(self.members)
             for m in self.members:
                 row.update({f"{m.name}:p_{c}": float(probs[m.name][i, j])
                             for j, c in enumerate(self.classes)})
@@ -412,7 +438,8 @@ class _Run:
         return out
 
     def frame(self) -> pd.DataFrame:
-        cols = ["path", "prediction"] + [f"vote:p_{c}" for c in self.classes]
+        cols = ["path", "prediction"] + [f"{self.vote_prefix}{c}" for c in self.classes]
+        cols += ["vote:votes", "vote:agreement"]
         for m in self.members:
             cols += [f"{m.name}:p_{c}" for c in self.classes]
         if self.gradcam_dir is not None:
@@ -420,8 +447,12 @@ class _Run:
         cols.append("error")
         df = pd.DataFrame(self.rows, columns=cols)
         df["error"] = df["error"].fillna("")
-        df.attrs.update({"classes": list(self.classes), "members": [m.name for m in self.members],
-                         "vote": self.method, "weights": self.weights})
+        df["vote:votes"] = df["vote:votes"].astype("Int64")  # unreadable rows: empty, not 2.0 / NaN
+        names = [m.name for m in self.members]
+        df.attrs.update({"classes": list(self.classes), "members": names, "vote": self.method,
+                         "weights": self.weights, "vote_output": self.output,
+                         "columns": describe_columns(self.classes, names, self.method,
+                                                     gradcam=self.gradcam_dir is not None)})
         return df
 
 
@@ -454,10 +485,13 @@ def predict_paths(
             training.
 
     Returns:
-        One row per image: ``path``, ``prediction`` (display name of the vote's class),
-        ``vote:p_<class>``, ``<NAME>:p_<class>`` per member, Grad-CAM file columns, ``error``
-        ("" when fine; unreadable files get a row with only ``path`` and ``error``). ``df.attrs``
-        holds ``classes``, ``members``, ``vote``, ``weights`` and ``skipped`` (files of other types
+        One row per image: ``path``, ``prediction`` (display name of the vote's class), the vote's
+        ``vote:p_<class>`` (soft / weighted: a probability) or ``vote:score_<class>`` (hard: a
+        ranking score, not a probability), ``vote:votes``, ``vote:agreement``, ``<NAME>:p_<class>``
+        per member (uncalibrated softmax), Grad-CAM file columns, ``error`` ("" when fine;
+        unreadable files get a row with only ``path`` and ``error``). ``df.attrs`` holds
+        ``classes``, ``members``, ``vote``, ``weights``, ``vote_output`` (``"probability"`` /
+        ``"score"``), ``columns`` (:func:`describe_columns`) and ``skipped`` (files of other types
         left out of folders).
 
     Raises:
@@ -501,8 +535,63 @@ def predict_paths(
 
 
 # --------------------------------------------------------------------------- output
+def describe_columns(classes: Sequence[str], members: Sequence[str], method: str,
+                     gradcam: bool = False) -> dict[str, str]:
+    """What every column of :func:`predict_paths`' table holds, in column order.
+
+    The hard vote's ``vote:score_<class>`` are ranking scores, never probabilities; the soft /
+    weighted vote's ``vote:p_<class>`` and the members' ``<NAME>:p_<class>`` are probabilities,
+    all uncalibrated.
+    """
+    from covidlib.ensemble import OUTPUT_PREFIX, SCORE_DEFINITION, output_kind
+
+    kind = output_kind(method)
+    out = {"path": "input file (volumes: <file>#z<slice>)",
+           "prediction": f"display name of the {method} vote's class"}
+    for c in classes:
+        out[f"vote:{OUTPUT_PREFIX[kind]}{c}"] = (
+            f"{method} vote's score for {c}: {SCORE_DEFINITION}" if kind == "score" else
+            f"{method} vote's probability of {c} ((weighted) mean of the members'), uncalibrated")
+    out["vote:votes"] = _VOTES_NOTE
+    out["vote:agreement"] = _AGREEMENT_NOTE
+    for name in members:
+        out.update({f"{name}:p_{c}": _MEMBER_NOTE.format(name=name) for c in classes})
+    if gradcam:
+        out.update({f"gradcam_{name}": f"Grad-CAM overlay PNG of member {name}" for name in members})
+        out["gradcam_vote"] = "Grad-CAM overlay PNG of the vote (mean of the members' maps)"
+    out["error"] = "why the file could not be read ('' when fine)"
+    return out
+
+
+def columns_path(path: str | os.PathLike) -> Path:
+    """The ``<csv>.columns.json`` file that :func:`write_predictions` writes next to ``path``."""
+    path = Path(path).expanduser()
+    return path.with_name(path.name + ".columns.json")
+
+
+def _columns_doc(df: pd.DataFrame, csv_name: str) -> dict[str, Any]:
+    cols = {c: d for c, d in df.attrs["columns"].items() if c in df.columns}
+    return {
+        "csv": csv_name,
+        "vote": df.attrs.get("vote"), "vote_output": df.attrs.get("vote_output"),
+        "members": df.attrs.get("members"), "weights": df.attrs.get("weights"),
+        "classes": df.attrs.get("classes"),
+        "probability_columns": [c for c in cols if ":p_" in c],
+        "score_columns": [c for c in cols if ":score_" in c],
+        "calibrated_columns": [],  # predict applies no temperature scaling
+        "columns": cols,
+    }
+
+
 def write_predictions(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write the predictions CSV atomically (temp file in the same folder, then ``os.replace``)."""
+    """Write the predictions CSV atomically (temp file in the same folder, then ``os.replace``).
+
+    When ``df`` comes from :func:`predict_paths` (``df.attrs["columns"]``), what every column
+    holds (which are probabilities, which the hard vote's scores; none calibrated) is written
+    next to it as ``<csv>.columns.json`` (:func:`columns_path`): a CSV header cannot say it.
+    """
+    from covidlib.fsutil import atomic_write_text
+
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -512,12 +601,30 @@ def write_predictions(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
+    if df.attrs.get("columns"):
+        atomic_write_text(columns_path(path), json.dumps(_columns_doc(df, path.name), indent=2))
     return path
 
 
+def _vote_cell(r: pd.Series, vote_p: list[str], n_members: int | None) -> str:
+    """The vote's confidence for the text table: its probability, or its vote count (hard)."""
+    if vote_p:
+        return f"p={max(float(r[c]) for c in vote_p):.3f}"
+    if "vote:votes" in r and pd.notna(r["vote:votes"]):
+        return f"{int(r['vote:votes'])}/{n_members if n_members else '?'} votes"
+    return ""
+
+
 def format_table(df: pd.DataFrame, max_rows: int = 20, width: int = 48) -> str:
-    """A short text table: path, prediction, vote confidence, error (first ``max_rows`` rows)."""
-    vote_cols = [c for c in df.columns if c.startswith("vote:p_")]
+    """A short text table: path, prediction, vote confidence, error (first ``max_rows`` rows).
+
+    The confidence is the soft / weighted vote's top probability (``p=``), or for the hard vote
+    its vote count (``2/3 votes``): its score is no probability to print as one. A last line says
+    which columns are probabilities and that none is calibrated.
+    """
+    vote_p = [c for c in df.columns if c.startswith("vote:p_")]
+    members = df.attrs.get("members")
+    n_members = len(members) if members else None
     lines = []
     for _, r in df.head(max_rows).iterrows():
         p = str(r["path"])
@@ -525,12 +632,17 @@ def format_table(df: pd.DataFrame, max_rows: int = 20, width: int = 48) -> str:
         if r.get("error"):
             lines.append(f"{p:<{width}}  ERROR: {r['error']}")
         else:
-            conf = max(float(r[c]) for c in vote_cols) if vote_cols else float("nan")
-            lines.append(f"{p:<{width}}  {r['prediction']:<10} {conf:.3f}")
+            lines.append(f"{p:<{width}}  {r['prediction']:<10} {_vote_cell(r, vote_p, n_members)}")
     if len(df) > max_rows:
         lines.append(f"... {len(df) - max_rows} more row(s)")
     n_err = int((df["error"] != "").sum()) if "error" in df else 0
     counts = df.loc[df["error"] == "", "prediction"].value_counts() if len(df) else pd.Series(dtype=int)
     summary = ", ".join(f"{k}: {v}" for k, v in counts.items()) or "no prediction"
     lines.append(f"{len(df)} row(s): {summary}; {n_err} unreadable")
+    if any(c.startswith("vote:score_") for c in df.columns):
+        lines.append("columns: vote:score_* are the hard vote's ranking scores, NOT probabilities; "
+                     "<member>:p_* are uncalibrated softmax probabilities (see <csv>.columns.json)")
+    elif vote_p:
+        lines.append("columns: vote:p_* and <member>:p_* are uncalibrated probabilities "
+                     "(see <csv>.columns.json)")
     return "\n".join(lines)

@@ -1,7 +1,18 @@
 """Notebook 04 / ``covidlib evaluate``: metrics per model, the vote, the two-phase cascade, figures.
 
 Reads the saved predictions of each trained run (never re-runs a model for metrics), writes
-``RUN_DIR/evaluation.json``, ``RUN_DIR/results.md`` and ``RUN_DIR/figures/*.png``.
+``RUN_DIR/evaluation.json``, ``RUN_DIR/results.md``, ``RUN_DIR/predictions_test_vote.csv`` and
+``RUN_DIR/figures/*.png``.
+
+What is a probability (see :mod:`covidlib.ensemble`): every backbone's ``p_<class>`` (softmax,
+uncalibrated) and the soft / weighted vote's ``p_<class>`` get ECE, a reliability diagram and a
+temperature fitted on validation; the hard vote's ``score_<class>`` is a ranking score: its block
+says ``"output": "score"`` and ``"calibration": {"applicable": false, "reason": ...}``, it gets
+no reliability diagram, and results.md shows its ECE as ``n/a (score)``. Every metrics block says
+``"output"`` and ``"calibrated": false`` (metrics of the raw outputs).
+``predictions_test_vote.csv``: ``path, patient_id, label``, ``p_<class>`` (soft / weighted) or
+``score_<class>`` (hard), ``votes`` (members whose top class is the vote's), ``agreement``
+(``votes`` / members).
 """
 from __future__ import annotations
 
@@ -42,18 +53,156 @@ def _probs(df: pd.DataFrame, classes: list[str]) -> np.ndarray:
     return df[[f"p_{c}" for c in classes]].to_numpy(dtype=float)
 
 
-def _with_probs(df: pd.DataFrame, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+def _with_outputs(df: pd.DataFrame, values: np.ndarray, classes: list[str],
+                  prefix: str = "p_") -> pd.DataFrame:
+    """``path, patient_id, label`` of ``df`` and ``<prefix><class>`` columns holding ``values``."""
     out = df[["path", "patient_id", "label"]].copy()
     for j, c in enumerate(classes):
-        out[f"p_{c}"] = probs[:, j]
+        out[f"{prefix}{c}"] = values[:, j]
     return out
+
+
+def _vote_table(base: pd.DataFrame, member_probs: list[np.ndarray], method: str,
+                weights: Sequence[float] | None, classes: list[str]) -> pd.DataFrame:
+    """The vote per image: ``p_<class>`` (soft / weighted) or ``score_<class>`` (hard), ``votes``
+    (members whose top class is the vote's) and ``agreement`` (``votes`` / members)."""
+    combined = ensemble.combine(member_probs, method, weights)
+    out = _with_outputs(base, combined, classes,
+                        ensemble.OUTPUT_PREFIX[ensemble.output_kind(method)])
+    votes = ensemble.member_votes(member_probs, combined.argmax(axis=1))
+    out["votes"] = votes
+    out["agreement"] = votes / len(member_probs)
+    return out
+
+
+@dataclass
+class _Members:
+    """The CT backbones' aligned predictions (rows in the first backbone's order) and metrics."""
+
+    classes: list[str]
+    base_val: pd.DataFrame
+    base_test: pd.DataFrame
+    val_probs: list[np.ndarray]
+    test_probs: list[np.ndarray]
+    blocks: dict[str, Any]
+
+
+def _output_figures(fig_dir: Path, key: str, title: str, y: np.ndarray, values: np.ndarray,
+                    classes: list[str], block: dict, figures: dict[str, Path]) -> None:
+    """Confusion matrix and ROC of one output, and its reliability diagram if it is a probability."""
+    figures[f"cm_{key}"] = fig_dir / f"confusion_{key}.png"
+    plots.plot_confusion_matrices(np.array(block["confusion_matrix"]), classes, figures[f"cm_{key}"],
+                                  title=title)
+    figures[f"roc_{key}"] = fig_dir / f"roc_{key}.png"
+    plots.plot_roc_curves(y, values, classes, figures[f"roc_{key}"],
+                          auc_ci=block["ci95_auc_per_class"], title=title)
+    rel = fig_dir / f"reliability_{key}.png"
+    cal = block["calibration"]
+    if not cal.get("applicable", True):
+        # A diagram left by an earlier soft-vote evaluation would be read as this output's.
+        rel.unlink(missing_ok=True)
+        return
+    figures[f"reliability_{key}"] = rel
+    temp = cal.get("temperature")
+    plots.plot_reliability_diagram(
+        y, values, rel, probs_calibrated=evaluate.apply_temperature(values, temp) if temp else None,
+        title=title)
+
+
+def _evaluate_members(run_dir: Path, backbones: list[str], n_boot: int, seed: int,
+                      figures: dict[str, Path]) -> _Members:
+    """Each CT backbone's metrics block (uncalibrated softmax probabilities) and figures."""
+    blocks: dict[str, Any] = {}
+    val_probs, test_probs = [], []
+    classes: list[str] | None = None
+    base_val = base_test = None
+    for name in backbones:
+        cls, val, test = load_predictions(run_dir / "models" / name)
+        if classes is None:
+            classes, base_val, base_test = cls, val, test
+        elif cls != classes:
+            raise ValueError(f"{name} was trained on classes {cls}, others on {classes}")
+        # Align rows by image path: every run predicts the same split of the same manifest.
+        test = test.set_index("path").loc[base_test["path"]].reset_index()
+        val = val.set_index("path").loc[base_val["path"]].reset_index()
+        blocks[name] = evaluate.evaluate_predictions(test, classes, val, n_boot=n_boot, seed=seed)
+        val_probs.append(_probs(val, classes))
+        test_probs.append(_probs(test, classes))
+        y_t, p_t = evaluate.predictions_to_arrays(test, classes)
+        _output_figures(run_dir / "figures", name, name, y_t, p_t, classes, blocks[name], figures)
+    assert classes is not None and base_test is not None and base_val is not None
+    return _Members(classes, base_val, base_test, val_probs, test_probs, blocks)
+
+
+def _evaluate_vote(run_dir: Path, members: _Members, method: str, weights: list[float] | None,
+                   n_boot: int, seed: int, figures: dict[str, Path]
+                   ) -> tuple[dict, pd.DataFrame, np.ndarray, np.ndarray]:
+    """The vote's metrics block, ``predictions_test_vote.csv`` and figures.
+
+    Returns:
+        ``(block, vote_test, y_test, vote_output)``; the output is a score for the hard vote.
+    """
+    classes, names = members.classes, list(members.blocks)
+    kind = ensemble.output_kind(method)
+    vote_val = _vote_table(members.base_val, members.val_probs, method, weights, classes)
+    vote_test = _vote_table(members.base_test, members.test_probs, method, weights, classes)
+    block = {"method": method, "members": names, "weights": weights,
+             **evaluate.evaluate_predictions(vote_test, classes, vote_val, n_boot=n_boot, seed=seed,
+                                             output=kind),
+             "definition": (ensemble.SCORE_DEFINITION if kind == "score"
+                            else ensemble.PROBABILITY_DEFINITION),
+             "agreement": {
+                 "mean": float(vote_test["agreement"].mean()) if len(vote_test) else None,
+                 "unanimous": float((vote_test["votes"] == len(names)).mean()) if len(vote_test) else None,
+                 "note": "votes: members whose own top class is the vote's; agreement: votes / members"}}
+    if method == "hard":
+        block["tie_break"] = "tied classes: highest mean probability across the models"
+    atomic_write_text(run_dir / "predictions_test_vote.csv", vote_test.to_csv(index=False))
+    y_v, _ = evaluate.predictions_to_arrays(members.base_test, classes)
+    values = vote_test[[f"{ensemble.OUTPUT_PREFIX[kind]}{c}" for c in classes]].to_numpy(dtype=float)
+    title = f"{method} vote" + (" (ranking score)" if kind == "score" else "")
+    _output_figures(run_dir / "figures", "vote", title, y_v, values, classes, block, figures)
+    return block, vote_test, y_v, values
+
+
+def _save_ensemble(run_dir: Path, models: dict[str, Any], method: str,
+                   weights: list[float] | None, classes: list[str], img_size: int) -> None:
+    """``models/ensemble/``: the vote as one Keras model, and what its output is."""
+    from covidlib.train import save_model_atomic
+
+    ens_dir = run_dir / "models" / "ensemble"
+    kind = ensemble.output_kind(method)
+    model = ensemble.build_ensemble_model(models, method, weights)
+    save_model_atomic(model, ens_dir / "model.keras")
+    atomic_write_text(ens_dir / "labels.json", json.dumps(classes))
+    atomic_write_text(ens_dir / "config.json", json.dumps(
+        {"method": method, "members": list(models), "weights": weights, "img_size": img_size,
+         "output": kind, "calibrated": False,
+         "output_definition": (ensemble.SCORE_DEFINITION if kind == "score"
+                               else ensemble.PROBABILITY_DEFINITION)}, indent=2))
+
+
+def _gradcam_figure(models: dict[str, Any], images: np.ndarray, y: np.ndarray, values: np.ndarray,
+                    classes: list[str], n: int, seed: int, path: Path) -> None:
+    """Grad-CAM of every member and of the vote, for ``n`` test images drawn with ``seed``."""
+    from covidlib import explain
+
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(images), size=min(n, len(images)), replace=False))
+    x = images[pick][..., None].astype("float32")
+    cls_idx = values[pick].argmax(axis=1)
+    heat = {name: explain.grad_cam(m, x, class_index=cls_idx) for name, m in models.items()}
+    heat["vote"] = explain.ensemble_grad_cam(list(models.values()), x, class_index=cls_idx)
+    captions = [f"N={i} | P={config.display_name(classes[p])} | GT={config.display_name(classes[t])}"
+                for i, p, t in zip(pick, cls_idx, y[pick])]
+    plots.plot_gradcam_grid(images[pick], heat, captions, path)
 
 
 def evaluate_run(
     run_dir: str | os.PathLike,
-    backbones: Sequence[str] = config.CT_BACKBONES,
     *,
-    xray_backbone: str | None = "MobileNetV2",
+    backbones: Sequence[str],
+    xray_backbone: str | None,
     vote: str = "hard",
     cohort: str | os.PathLike | None = None,
     phase1_threshold: float = 0.5,
@@ -68,11 +217,15 @@ def evaluate_run(
 ) -> RunEvaluation:
     """Evaluate every CT backbone, their vote and the two-phase cascade of one run.
 
+    ``backbones`` and ``xray_backbone`` have no library default: the defaults live in notebook 04's
+    parameters (which ``covidlib evaluate`` reads), so the two entry points cannot disagree.
+
     Args:
         run_dir: the run folder (``models/<NAME>/`` inside).
         backbones: the CT runs that vote (names under ``models/``).
         xray_backbone: phase-1 model (run ``xray_<name>``); ``None`` or missing skips phase 2.
-        vote: ``"hard"`` | ``"soft"`` | ``"weighted"`` (weights fitted on validation).
+        vote: ``"hard"`` | ``"soft"`` | ``"weighted"`` (weights fitted on validation). The hard
+            vote's output is a ranking score (AUC, no calibration); see :mod:`covidlib.ensemble`.
         cohort: CSV pairing X-ray and CT by patient; ``None`` -> a labelled simulated pairing.
         phase1_threshold: X-ray P(covid) at or above which a patient goes to CT.
         uncertainty_band: X-ray negatives within this distance below the threshold go to CT too.
@@ -86,112 +239,49 @@ def evaluate_run(
         patient_pattern: patient-id regex for ``external_dataset``.
     """
     run_dir = Path(run_dir)
-    fig_dir = run_dir / "figures"
     if vote not in ensemble.METHODS:
         raise ValueError(f"VOTE must be one of {list(ensemble.METHODS)}, got {vote!r}")
     backbones = list(backbones)
     if not backbones:
         raise ValueError("BACKBONES is empty: nothing to evaluate")
     figures: dict[str, Path] = {}
-    models_block: dict[str, Any] = {}
-    val_probs, test_probs = [], []
-    classes: list[str] | None = None
-    base_val = base_test = None
-    for name in backbones:
-        cls, val, test = load_predictions(run_dir / "models" / name)
-        if classes is None:
-            classes, base_val, base_test = cls, val, test
-        elif cls != classes:
-            raise ValueError(f"{name} was trained on classes {cls}, others on {classes}")
-        # Align rows by image path: every run predicts the same split of the same manifest.
-        test = test.set_index("path").loc[base_test["path"]].reset_index()
-        val = val.set_index("path").loc[base_val["path"]].reset_index()
-        models_block[name] = evaluate.evaluate_predictions(test, classes, val, n_boot=n_boot, seed=seed)
-        val_probs.append(_probs(val, classes))
-        test_probs.append(_probs(test, classes))
-        y_t, p_t = evaluate.predictions_to_arrays(test, classes)
-        figures[f"cm_{name}"] = fig_dir / f"confusion_{name}.png"
-        plots.plot_confusion_matrices(np.array(models_block[name]["confusion_matrix"]), classes,
-                                      figures[f"cm_{name}"], title=name)
-        figures[f"roc_{name}"] = fig_dir / f"roc_{name}.png"
-        plots.plot_roc_curves(y_t, p_t, classes, figures[f"roc_{name}"],
-                              auc_ci=models_block[name]["ci95_auc_per_class"], title=name)
-        figures[f"reliability_{name}"] = fig_dir / f"reliability_{name}.png"
-        temp = models_block[name]["calibration"].get("temperature")
-        plots.plot_reliability_diagram(
-            y_t, p_t, figures[f"reliability_{name}"],
-            probs_calibrated=evaluate.apply_temperature(p_t, temp) if temp else None, title=name)
-    assert classes is not None and base_test is not None and base_val is not None
-
+    members = _evaluate_members(run_dir, backbones, n_boot, seed, figures)
+    classes = members.classes
     weights = None
     if vote == "weighted":
-        y_val, _ = evaluate.predictions_to_arrays(base_val, classes)
-        weights = ensemble.fit_vote_weights(val_probs, y_val)
-    vote_val = _with_probs(base_val, ensemble.combine(val_probs, vote, weights), classes)
-    vote_test = _with_probs(base_test, ensemble.combine(test_probs, vote, weights), classes)
-    ens_block = {"method": vote, "members": backbones, "weights": weights,
-                 **evaluate.evaluate_predictions(vote_test, classes, vote_val, n_boot=n_boot, seed=seed)}
-    if vote == "hard":
-        ens_block["tie_break"] = "tied classes: highest mean probability across the models"
-    vote_test.to_csv(run_dir / "predictions_test_vote.csv", index=False)
-    y_v, p_v = evaluate.predictions_to_arrays(vote_test, classes)
-    figures["cm_vote"] = fig_dir / "confusion_vote.png"
-    plots.plot_confusion_matrices(np.array(ens_block["confusion_matrix"]), classes,
-                                  figures["cm_vote"], title=f"{vote} vote")
-    figures["roc_vote"] = fig_dir / "roc_vote.png"
-    plots.plot_roc_curves(y_v, p_v, classes, figures["roc_vote"],
-                          auc_ci=ens_block["ci95_auc_per_class"], title=f"{vote} vote")
-    figures["reliability_vote"] = fig_dir / "reliability_vote.png"
-    temp = ens_block["calibration"].get("temperature")
-    plots.plot_reliability_diagram(
-        y_v, p_v, figures["reliability_vote"],
-        probs_calibrated=evaluate.apply_temperature(p_v, temp) if temp else None,
-        title=f"{vote} vote")
+        y_val, _ = evaluate.predictions_to_arrays(members.base_val, classes)
+        weights = ensemble.fit_vote_weights(members.val_probs, y_val)
+    ens_block, vote_test, y_v, v_out = _evaluate_vote(run_dir, members, vote, weights, n_boot, seed,
+                                                      figures)
 
     img_size = json.loads((run_dir / "models" / backbones[0] / "config.json").read_text())["img_size"]
     from covidlib.data import read_resized
 
     images = np.stack([read_resized(p, img_size) for p in vote_test["path"]]) if len(vote_test) else None
     if images is not None:
-        figures["grid_vote"] = fig_dir / "test_grid_vote.png"
-        plots.plot_prediction_grid(images, y_v, p_v.argmax(axis=1), classes, figures["grid_vote"],
+        figures["grid_vote"] = run_dir / "figures" / "test_grid_vote.png"
+        plots.plot_prediction_grid(images, y_v, v_out.argmax(axis=1), classes, figures["grid_vote"],
                                    seed=seed)
-
     if (save_ensemble or gradcam_images) and images is not None:
-        from covidlib.train import load_run, save_model_atomic
+        from covidlib.train import load_run
 
-        members = {name: load_run(run_dir / "models" / name)[0] for name in backbones}
+        models = {name: load_run(run_dir / "models" / name)[0] for name in backbones}
         if gradcam_images:
-            from covidlib import explain
-
-            rng = np.random.default_rng(seed)
-            pick = np.sort(rng.choice(len(images), size=min(gradcam_images, len(images)),
-                                      replace=False))
-            x = images[pick][..., None].astype("float32")
-            cls_idx = p_v[pick].argmax(axis=1)
-            heat = {name: explain.grad_cam(m, x, class_index=cls_idx) for name, m in members.items()}
-            heat["vote"] = explain.ensemble_grad_cam(list(members.values()), x, class_index=cls_idx)
-            captions = [f"N={i} | P={config.display_name(classes[p])} | "
-                        f"GT={config.display_name(classes[t])}"
-                        for i, p, t in zip(pick, cls_idx, y_v[pick])]
-            figures["gradcam"] = fig_dir / "gradcam.png"
-            plots.plot_gradcam_grid(images[pick], heat, captions, figures["gradcam"])
+            figures["gradcam"] = run_dir / "figures" / "gradcam.png"
+            _gradcam_figure(models, images, y_v, v_out, classes, gradcam_images, seed,
+                            figures["gradcam"])
         if save_ensemble:
-            model = ensemble.build_ensemble_model(members, vote, weights)
-            save_model_atomic(model, run_dir / "models" / "ensemble" / "model.keras")
-            atomic_write_text(run_dir / "models" / "ensemble" / "labels.json", json.dumps(classes))
-            atomic_write_text(run_dir / "models" / "ensemble" / "config.json",
-                         json.dumps({"method": vote, "members": backbones, "weights": weights,
-                                     "img_size": img_size}, indent=2))
+            _save_ensemble(run_dir, models, vote, weights, classes, img_size)
 
     evaluation: dict[str, Any] = {
         "dataset": _dataset_name(run_dir),
         "classes": classes,
-        "n_test": int(len(base_test)),
-        "models": models_block,
+        "n_test": int(len(members.base_test)),
+        "models": members.blocks,
         "ensemble": ens_block,
-        "two_phase": _two_phase(run_dir, xray_backbone, classes, vote_test, cohort, phase1_threshold,
-                                uncertainty_band, clinical_flag_rate, n_boot, seed, figures),
+        "two_phase": _two_phase(run_dir, xray_backbone, classes, vote_test, vote, cohort,
+                                phase1_threshold, uncertainty_band, clinical_flag_rate, n_boot, seed,
+                                figures),
     }
     if external_dataset:
         evaluation["external_validation"] = external_validation(
@@ -211,18 +301,23 @@ def external_validation(run_dir: str | os.PathLike, dataset: str | os.PathLike,
 
     Labels go through the same alias table as training data. When the external classes are a
     subset of the trained ones, metrics are computed on the trained classes; otherwise, if both
-    have ``covid``, the task becomes COVID-19 vs the rest (P(covid) against 1 - P(covid)), and
-    the report says which mapping was used. The models are not retrained or recalibrated.
+    have ``covid``, the task becomes COVID-19 vs the rest (P(covid) against 1 - P(covid); for
+    the hard vote its covid score against 1 - that score, still only a ranking), and the report
+    says which mapping was used. The models are not retrained or recalibrated. The vote is
+    combined here from the members' probabilities with ``weights`` (those fitted on the run's
+    validation split for ``"weighted"``), exactly as in :func:`evaluate_run`.
     """
     from covidlib import datasets, predict
 
     run_dir = Path(run_dir)
+    kind = ensemble.output_kind(vote)
     ingested = datasets.ingest(dataset, modality="ct", seed=seed, patient_pattern=patient_pattern,
                                work_dir=run_dir / "external")
     ext = ingested.manifest
+    # predict's own vote column is not used (it could not know this evaluation's weights).
     preds = predict.predict_paths(list(ext["path"]),
                                   model_dirs=[run_dir / "models" / b for b in backbones],
-                                  vote=vote)
+                                  vote="soft")
     classes = list(preds.attrs["classes"])
     ok = preds[preds["error"] == ""].merge(ext[["path", "label", "patient_id"]].astype(str),
                                            on="path", how="inner")
@@ -234,23 +329,30 @@ def external_validation(run_dir: str | os.PathLike, dataset: str | os.PathLike,
     else:
         raise ValueError(f"external classes {ext_classes} cannot be compared with trained {classes}")
 
-    def table(prefix: str) -> pd.DataFrame:
-        probs = ok[[f"{prefix}:p_{c}" for c in classes]].to_numpy(dtype=float)
-        label = ok["label"]
+    outputs = {b: ok[[f"{b}:p_{c}" for c in classes]].to_numpy(dtype=float) for b in backbones}
+    outputs["vote"] = ensemble.combine(list(outputs.values()), vote, weights)
+
+    def table(name: str, prefix: str) -> pd.DataFrame:
+        values, label = outputs[name], ok["label"]
         if eval_classes != classes:
-            pc = probs[:, classes.index(config.POSITIVE_LABEL)]
-            probs = np.stack([pc, 1.0 - pc], axis=1)
+            pc = values[:, classes.index(config.POSITIVE_LABEL)]
+            values = np.stack([pc, 1.0 - pc], axis=1)
             label = np.where(label == config.POSITIVE_LABEL, config.POSITIVE_LABEL, "non_covid")
         out = pd.DataFrame({"path": ok["path"], "patient_id": ok["patient_id"], "label": label})
-        return _with_probs(out, probs, eval_classes)
+        return _with_outputs(out, values, eval_classes, prefix)
 
-    blocks = {name: evaluate.evaluate_predictions(table(name), eval_classes, n_boot=n_boot, seed=seed)
-              for name in list(backbones) + ["vote"]}
+    blocks = {name: evaluate.evaluate_predictions(table(name, "p_"), eval_classes, n_boot=n_boot,
+                                                  seed=seed) for name in backbones}
+    vote_table = table("vote", ensemble.OUTPUT_PREFIX[kind])
+    blocks["vote"] = {"method": vote, **evaluate.evaluate_predictions(
+        vote_table, eval_classes, n_boot=n_boot, seed=seed, output=kind)}
     if figures is not None:
-        y, p = evaluate.predictions_to_arrays(table("vote"), eval_classes)
+        y = vote_table["label"].map({c: i for i, c in enumerate(eval_classes)}).to_numpy()
+        values = vote_table[[f"{ensemble.OUTPUT_PREFIX[kind]}{c}" for c in eval_classes]].to_numpy()
         figures["external_roc_vote"] = run_dir / "figures" / "external_roc_vote.png"
-        plots.plot_roc_curves(y, p, eval_classes, figures["external_roc_vote"],
-                              auc_ci=blocks["vote"]["ci95_auc_per_class"], title="external: vote")
+        plots.plot_roc_curves(y, values, eval_classes, figures["external_roc_vote"],
+                              auc_ci=blocks["vote"]["ci95_auc_per_class"],
+                              title=f"external: {vote} vote")
     return {"dataset": str(dataset), "n_images": int(len(ok)),
             "n_unreadable": int((preds["error"] != "").sum()) + len(ingested.quarantine),
             "classes": eval_classes, "mapping": mapping, "models": blocks,
@@ -265,8 +367,15 @@ def _dataset_name(run_dir: Path) -> str:
     return "unknown"
 
 
+def _patient_decision(vote_test: pd.DataFrame, classes: list[str], method: str) -> pd.Series:
+    """The CT vote's class per patient: arg-max of the mean of its images' vote output."""
+    cols = [f"{ensemble.OUTPUT_PREFIX[ensemble.output_kind(method)]}{c}" for c in classes]
+    mean = vote_test.assign(patient_id=vote_test["patient_id"].astype(str)).groupby("patient_id")[cols].mean()
+    return pd.Series(np.array(classes)[mean.to_numpy().argmax(axis=1)], index=mean.index)
+
+
 def _two_phase(run_dir: Path, xray_backbone: str | None, classes: list[str],
-               vote_test: pd.DataFrame, cohort_path, threshold: float, band: float,
+               vote_test: pd.DataFrame, vote: str, cohort_path, threshold: float, band: float,
                flag_rate: float, n_boot: int, seed: int, figures: dict) -> dict:
     xdir = run_dir / "models" / f"xray_{xray_backbone}" if xray_backbone else None
     if xdir is None or not (xdir / "labels.json").is_file():
@@ -277,10 +386,10 @@ def _two_phase(run_dir: Path, xray_backbone: str | None, classes: list[str],
     xclasses, xval, xtest = load_predictions(xdir)
     phase1 = evaluate.evaluate_predictions(xtest, xclasses, xval, n_boot=n_boot, seed=seed)
     xray_table = cascade.patient_table(xtest, xclasses)
-    ct_table = cascade.patient_table(vote_test, classes)
-    ct_decision = pd.Series(
-        np.array(classes)[ct_table[[f"p_{c}" for c in classes]].to_numpy().argmax(axis=1)],
-        index=ct_table["patient_id"])
+    # The cascade needs only each CT patient's label from this table; the CT decision is the
+    # vote's, from its own output columns (a hard vote's are scores, not p_ probabilities).
+    ct_table = cascade.patient_table(vote_test, [])
+    ct_decision = _patient_decision(vote_test, classes, vote)
     if cohort_path:
         cohort = cascade.load_cohort(cohort_path)
     else:
@@ -288,9 +397,9 @@ def _two_phase(run_dir: Path, xray_backbone: str | None, classes: list[str],
                                          clinical_flag_rate=flag_rate)
     routing = cascade.Routing(threshold, band)
     routed = cascade.route(cohort, xray_table, ct_table, ct_decision, routing)
-    routed.to_csv(run_dir / "two_phase_patients.csv", index=False)
+    atomic_write_text(run_dir / "two_phase_patients.csv", routed.to_csv(index=False))
     sweep = cascade.threshold_sweep(cohort, xray_table, ct_table, ct_decision, band)
-    sweep.to_csv(run_dir / "two_phase_sweep.csv", index=False)
+    atomic_write_text(run_dir / "two_phase_sweep.csv", sweep.to_csv(index=False))
     figures["threshold_sweep"] = run_dir / "figures" / "two_phase_threshold_sweep.png"
     plots.plot_threshold_sweep(sweep, figures["threshold_sweep"], chosen=threshold)
     yx, px = evaluate.predictions_to_arrays(xtest, xclasses)
@@ -306,6 +415,8 @@ def _two_phase(run_dir: Path, xray_backbone: str | None, classes: list[str],
         "routing": {"threshold": threshold, "uncertainty_band": band,
                     "rule": "X-ray positive -> CT; X-ray negative -> CT if clinical flag or "
                             "P(covid) in [threshold - band, threshold); otherwise stop"},
+        "ct_decision": f"{vote} vote: arg-max of the patient's mean vote {ensemble.output_kind(vote)} "
+                       "over its CT images",
         "cohort": "simulated: X-ray and CT patients of the same COVID status paired at random"
                   if not cohort_path else str(cohort_path),
         **cascade.summarize(routed, n_boot=n_boot, seed=seed),
@@ -337,6 +448,49 @@ def _ci(block: dict, key: str) -> str:
     return "" if not ci else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def _ece(block: dict) -> str:
+    """The ECE cell: the uncalibrated probabilities' ECE, or why there is none (a score)."""
+    cal = block.get("calibration") or {}
+    if cal.get("applicable") is False:
+        return "n/a (score)"
+    return _fmt(cal.get("ece"))
+
+
+def _output_note(ens: dict) -> list[str]:
+    """Which columns are probabilities, which are scores, and that none is calibrated."""
+    lines = ["- outputs: each backbone's `p_<class>` is its softmax probability, uncalibrated; ECE "
+             "is theirs before temperature scaling (`calibration.ece_after_temperature` in "
+             "evaluation.json: after a temperature fitted on validation). No metric here uses a "
+             "temperature-scaled output."]
+    if ens.get("calibration", {}).get("applicable") is False:
+        lines.append(f"- the {ens['method']} vote outputs a **ranking score**, not a probability "
+                     "(`score_<class>` = (votes + mean probability) / (members + 1)): its AUC ranks "
+                     "images by it; ECE, reliability diagram and temperature do not apply. Its "
+                     "`votes` / `agreement` say how many members voted for its class.")
+    else:
+        lines.append(f"- the {ens['method']} vote outputs a probability (`p_<class>`, mean of the "
+                     "members' probabilities), uncalibrated like theirs.")
+    return lines
+
+
+def _two_phase_lines(tp: dict) -> list[str]:
+    lines = ["## Two-phase X-ray -> CT", ""]
+    if tp.get("skipped"):
+        return lines + [f"Skipped: {tp['reason']}."]
+    return lines + [
+        f"- cohort: {tp['cohort']} ({tp['n_patients']} patients, {tp['n_positive']} COVID-19)",
+        f"- routing: {tp['routing']['rule']} (threshold {tp['routing']['threshold']}, "
+        f"band {tp['routing']['uncertainty_band']})",
+        f"- cascade sensitivity {_fmt(tp['sensitivity'])}{_ci(tp, 'sensitivity')}, "
+        f"specificity {_fmt(tp['specificity'])}{_ci(tp, 'specificity')}",
+        f"- sent to CT: {tp['ct_fraction']:.1%}; positives missed by phase 1: "
+        f"{tp['phase1_missed_positives']} (rescued by CT: {tp['phase1_missed_rescued_by_ct']})",
+        f"- X-ray alone: sensitivity {_fmt(tp['xray_only']['sensitivity'])}, specificity "
+        f"{_fmt(tp['xray_only']['specificity'])}; CT for all: sensitivity "
+        f"{_fmt(tp['ct_for_all']['sensitivity'])}, specificity {_fmt(tp['ct_for_all']['specificity'])}",
+    ]
+
+
 def results_markdown(ev: dict, figures: dict[str, Path], run_dir: Path) -> str:
     """A readable summary of ``evaluation.json`` (figures linked relative to ``run_dir``)."""
     lines = [
@@ -348,31 +502,19 @@ def results_markdown(ev: dict, figures: dict[str, Path], run_dir: Path) -> str:
         "| model | accuracy [95% CI] | macro F1 [95% CI] | macro AUC [95% CI] | ECE | patient-level AUC |",
         "|---|---|---|---|---|---|",
     ]
-    rows = list(ev["models"].items()) + [(f"**{ev['ensemble']['method']} vote**", ev["ensemble"])]
+    ens = ev["ensemble"]
+    rows = list(ev["models"].items()) + [(f"**{ens['method']} vote**", ens)]
     for name, b in rows:
         lines.append(
             f"| {name} | {_fmt(b['accuracy'])}{_ci(b, 'accuracy')} | {_fmt(b['f1_macro'])}"
             f"{_ci(b, 'f1_macro')} | {_fmt(b['auc_macro'])}{_ci(b, 'auc_macro')} | "
-            f"{_fmt(b['calibration']['ece'])} | {_fmt((b.get('patient_level') or {}).get('auc_macro'))} |")
-    unit = ev["ensemble"].get("ci_unit", "image")
-    lines += ["", f"CIs: bootstrap over {unit}s. AUC from probabilities (one-vs-rest, macro).", ""]
-    tp = ev["two_phase"]
-    lines += ["## Two-phase X-ray -> CT", ""]
-    if tp.get("skipped"):
-        lines.append(f"Skipped: {tp['reason']}.")
-    else:
-        lines += [
-            f"- cohort: {tp['cohort']} ({tp['n_patients']} patients, {tp['n_positive']} COVID-19)",
-            f"- routing: {tp['routing']['rule']} (threshold {tp['routing']['threshold']}, "
-            f"band {tp['routing']['uncertainty_band']})",
-            f"- cascade sensitivity {_fmt(tp['sensitivity'])}{_ci(tp, 'sensitivity')}, "
-            f"specificity {_fmt(tp['specificity'])}{_ci(tp, 'specificity')}",
-            f"- sent to CT: {tp['ct_fraction']:.1%}; positives missed by phase 1: "
-            f"{tp['phase1_missed_positives']} (rescued by CT: {tp['phase1_missed_rescued_by_ct']})",
-            f"- X-ray alone: sensitivity {_fmt(tp['xray_only']['sensitivity'])}, specificity "
-            f"{_fmt(tp['xray_only']['specificity'])}; CT for all: sensitivity "
-            f"{_fmt(tp['ct_for_all']['sensitivity'])}, specificity {_fmt(tp['ct_for_all']['specificity'])}",
-        ]
+            f"{_ece(b)} | {_fmt((b.get('patient_level') or {}).get('auc_macro'))} |")
+    unit = ens.get("ci_unit", "image")
+    auc_from = ("probabilities; the hard vote's from its ranking score"
+                if (ens.get("calibration") or {}).get("applicable") is False else "probabilities")
+    lines += ["", f"CIs: bootstrap over {unit}s. AUC from {auc_from} (one-vs-rest, macro).", ""]
+    lines += _output_note(ens) + [""]
+    lines += _two_phase_lines(ev["two_phase"])
     caveats = _data_caveats(run_dir)
     if caveats:
         lines += ["", "## Data caveats (from data_audit.json)", ""] + [f"- {c}" for c in caveats]
@@ -383,7 +525,8 @@ def results_markdown(ev: dict, figures: dict[str, Path], run_dir: Path) -> str:
                   f"images; mapping: {ext['mapping']}).", "",
                   "| model | accuracy [95% CI] | macro AUC [95% CI] |", "|---|---|---|"]
         for name, b in ext["models"].items():
-            lines.append(f"| {name} | {_fmt(b['accuracy'])}{_ci(b, 'accuracy')} | "
+            shown = f"{name} ({b['output']})" if b.get("output") == "score" else name
+            lines.append(f"| {shown} | {_fmt(b['accuracy'])}{_ci(b, 'accuracy')} | "
                          f"{_fmt(b['auc_macro'])}{_ci(b, 'auc_macro')} |")
     lines += ["", "## Figures", ""]
     for key, path in figures.items():

@@ -223,6 +223,55 @@ def test_mixed_set_is_not_flagged(tmp_path):
     assert not any("SHORTCUT" in w for w in rep["warnings"])
 
 
+def _scanner_per_patient_set(tmp_path: Path, n_pat: int = 10, per: int = 6) -> pd.DataFrame:
+    """Every patient's slices share a scanner name of their own; nothing else differs by class."""
+    rows = []
+    for label in ("covid", "normal"):
+        for i in range(n_pat):
+            pid = f"{label}{i:02d}"
+            for k in range(per):
+                img = texture(10_000 * (label == "covid") + 100 * i + k, size=64)
+                rows.append(dict(path=save(tmp_path / label / f"p{i}_{k}.png", img), label=label,
+                                 patient_id=pid, split="train", source=f"scanner-{pid}", modality="ct"))
+    return pd.DataFrame(rows)
+
+
+def test_shortcut_check_splits_by_patient(tmp_path):
+    # A value that only recognises the patient predicts the class under image folds (the
+    # patient's other slices are in training) but not under patient folds: not a class shortcut.
+    df = _scanner_per_patient_set(tmp_path)
+    sc = audit_manifest(df)["shortcuts"]
+    assert sc["cv_split"].startswith("StratifiedGroupKFold by patient_id (20 patients")
+    assert "StratifiedGroupKFold" in sc["criterion"]
+    assert "source" not in sc["flagged"]
+    assert sc["properties"]["source"]["balanced_accuracy"] <= 0.6
+    # Without usable ids (none, or one per image) the images are folded as if independent.
+    for d in (df.drop(columns="patient_id"), df.assign(patient_id=[f"i{k}" for k in range(len(df))])):
+        sc = audit_manifest(d)["shortcuts"]
+        assert sc["cv_split"].startswith("StratifiedKFold over images")
+        assert "source" in sc["flagged"]
+
+
+def test_cv_groups_and_grouped_balanced_accuracy():
+    pid = np.repeat([f"p{i}" for i in range(12)], 4)
+    y = np.repeat(np.array(["covid", "normal"] * 6, dtype=object), 4)
+    x = pid.astype(object)  # the patient itself
+    assert audit._cv_balanced_accuracy(x, y, True) == 1.0
+    assert audit._cv_balanced_accuracy(x, y, True, groups=pid) <= 0.5  # unseen patient: chance
+    ids = pd.Series(list(pid[:-2]) + ["", None])
+    groups, text = audit._cv_groups(ids, audit._patient_status(ids))
+    assert text.startswith("StratifiedGroupKFold") and "2 image(s) without an id" in text
+    assert len(set(groups[-2:])) == 2 and not set(groups[-2:]) & set(pid)
+    for ids in (None, pd.Series([f"img:{k}" for k in range(5)]), pd.Series(["a", "b", "c"])):
+        assert audit._cv_groups(ids, audit._patient_status(ids))[0] is None
+
+
+def test_connected_groups_numbered_by_first_member():
+    assert audit._connected_groups(7, [5, 1, 6], [4, 3, 1]) == [0, 1, 2, 1, 3, 3, 1]
+    assert audit._connected_groups(3, [], []) == [0, 1, 2]
+    assert audit._connected_groups(0, [], []) == []
+
+
 def test_name_pattern_subgroup_is_flagged(tmp_path):
     # ct-mosmed's trap: part of one class comes from another source with its own naming.
     rows = []

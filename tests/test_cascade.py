@@ -139,6 +139,21 @@ def test_summarize_against_hand_counts():
     assert cascade.summarize(routed, n_boot=0)["ci95"] == {"sensitivity": None, "specificity": None}
 
 
+def test_summarize_follows_evaluates_one_ci_rule(monkeypatch):
+    from covidlib import evaluate
+
+    # One positive among 20 patients: a resample holds it (sensitivity defined) in about
+    # 1 - (19/20)^20 = 64 % of cases. Enough for "at least 10 resamples", not for the 90 % rule.
+    few = {f"N{i}": (False, 0.1, False, "normal") for i in range(19)}
+    cohort, xray, ct, decision = _tables({"A": PATIENTS["A"], **few})
+    routed = cascade.route(cohort, xray, ct, decision)
+    s = cascade.summarize(routed, n_boot=200, seed=0)
+    assert s["ci_rule"] == evaluate.CI_RULE and s["ci_unit"] == "patient"
+    assert s["ci95"]["sensitivity"] is None and s["ci95"]["specificity"] is not None
+    monkeypatch.setattr(evaluate, "MIN_DEFINED_FRACTION", 0.5)
+    assert cascade.summarize(routed, n_boot=200, seed=0)["ci95"]["sensitivity"] == [1.0, 1.0]
+
+
 def test_summarize_without_negatives_gives_null_specificity():
     cohort, xray, ct, decision = _tables({k: v for k, v in PATIENTS.items() if v[0]})
     s = cascade.summarize(cascade.route(cohort, xray, ct, decision), n_boot=0)

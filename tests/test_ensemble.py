@@ -158,3 +158,30 @@ def test_build_ensemble_model_rejects_mismatches():
         ensemble.build_ensemble_model([a], "weighted", [0.5, 0.5])
     with pytest.raises(ValueError, match="at least one"):
         ensemble.build_ensemble_model([])
+
+
+def test_output_kinds_hard_is_a_score_soft_and_weighted_are_probabilities(members):
+    """Issue #11: what each rule outputs is recorded, so nothing calibrates the hard vote's score."""
+    assert ensemble.output_kind("hard") == "score"
+    assert ensemble.output_kind("soft") == ensemble.output_kind("weighted") == "probability"
+    assert ensemble.OUTPUT_PREFIX == {"probability": "p_", "score": "score_"}
+    with pytest.raises(ValueError, match="unknown vote method"):
+        ensemble.output_kind("median")
+    model = ensemble.build_ensemble_model(members, "hard")
+    assert model.get_layer("vote").output_kind == "score"
+    # Why it is no probability: with 3 members and 3 classes a unanimous vote scores >= 0.83
+    # however unsure the members are.
+    unsure = [np.array([[0.34, 0.33, 0.33]])] * 3
+    assert ensemble.combine(unsure, "hard")[0, 0] >= 0.83 > ensemble.combine(unsure, "soft")[0, 0]
+
+
+def test_member_votes_counts_agreement_with_the_vote():
+    a = _onehotish([0, 1, 2, 2])
+    b = _onehotish([0, 1, 1, 2])
+    c = _onehotish([1, 2, 1, 0], p=0.99)
+    labels, _ = ensemble.majority_vote([a, b, c])
+    np.testing.assert_array_equal(ensemble.member_votes([a, b, c], labels), [2, 2, 2, 2])
+    np.testing.assert_array_equal(ensemble.member_votes([a, b, c], np.array([0, 0, 0, 0])),
+                                  [2, 0, 0, 1])
+    with pytest.raises(ValueError, match="one class per image"):
+        ensemble.member_votes([a, b], np.array([0, 1]))

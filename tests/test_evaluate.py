@@ -147,6 +147,44 @@ def test_cluster_bootstrap_wider_for_clustered_data():
     assert w_pat > 3 * w_img
 
 
+def test_one_rule_for_resamples_where_a_metric_is_undefined(monkeypatch):
+    assert ev.MIN_DEFINED_FRACTION == 0.9 and "90%" in ev.CI_RULE
+    v = np.r_[np.linspace(0, 1, 89), [np.nan] * 11]
+    assert ev.percentile_ci(v) is None  # 89 % defined
+    assert ev.percentile_ci(np.r_[np.linspace(0, 1, 90), [None] * 10]) == pytest.approx([0.025, 0.975])
+    assert ev.percentile_ci(np.linspace(0, 1, 9), n_boot=10) == pytest.approx([0.025, 0.975])
+    assert ev.percentile_ci(np.linspace(0, 1, 9), n_boot=11) is None
+    assert ev.percentile_ci([]) is None and ev.percentile_ci([0.5]) is None
+    # One positive in 8 images: a resample holds it (AUC defined) in 1 - (7/8)^8 = 66 % of cases.
+    y = np.r_[1, np.zeros(7, dtype=int)]
+    p = np.c_[1 - np.linspace(0.1, 0.9, 8), np.linspace(0.1, 0.9, 8)]
+    assert ev.bootstrap_ci(y, p, ["normal", "covid"], n_boot=500)["auc_macro"] is None
+    monkeypatch.setattr(ev, "MIN_DEFINED_FRACTION", 0.5)  # the one constant every CI reads
+    assert ev.bootstrap_ci(y, p, ["normal", "covid"], n_boot=500)["auc_macro"] is not None
+    monkeypatch.undo()
+    block = ev.evaluate_predictions(_pred_df(20, 3, seed=1), CT, n_boot=20)
+    assert block["ci_rule"] == ev.CI_RULE
+
+
+def test_paired_bootstrap_diff_inputs():
+    y, p = _noisy(90, seed=8)
+    q = np.roll(p, 1, axis=1)
+    one = ev.paired_bootstrap_diff(y, p, q, CT, n_boot=100, seed=1, metrics=["auc_macro", "auc:cap"])
+    assert one == ev.paired_bootstrap_diff(y, [p], np.stack([q]), CT, n_boot=100, seed=1,
+                                           metrics=["auc_macro", "auc:cap"])
+    r = one["auc_macro"]
+    assert r["diff"] == pytest.approx(r["a"] - r["b"]) and r["n_defined"] == 100
+    assert r["diff_ci"][0] <= r["diff"] <= r["diff_ci"][1]
+    assert ev.paired_bootstrap_diff(y, p, q, CT, n_boot=0)["accuracy"]["diff_ci"] is None
+    assert ev.paired_bootstrap_diff([], np.zeros((0, 3)), np.zeros((0, 3)), CT)["accuracy"]["diff"] is None
+    with pytest.raises(ValueError, match="one entry per probs row"):
+        ev.paired_bootstrap_diff(y, p, q[:-1], CT)
+    with pytest.raises(ValueError, match="no probability matrix"):
+        ev.paired_bootstrap_diff(y, p, [], CT)
+    with pytest.raises(ValueError, match="groups has"):
+        ev.paired_bootstrap_diff(y, p, q, CT, groups=["a"])
+
+
 def test_temperature_scaling_fixes_overconfidence():
     # Calibrated logits, then sharpened by 1/0.4: over-confident on val and test alike.
     yv, pv = _noisy(1500, seed=8, signal=1.0, temp=0.4)
@@ -256,3 +294,42 @@ def test_per_class_auc_ci_brackets_each_class_auc():
         assert lo < point[c]["auc"] < hi and hi - lo < 0.3
     with pytest.raises(ValueError, match="unknown metric"):
         ev.bootstrap_ci(y, p, classes, metrics=["auc:pneumonia"])
+
+
+def test_score_outputs_get_auc_but_no_calibration():
+    """Issue #11: a ranking score (the hard vote's) is evaluated for AUC, never calibrated."""
+    test_df, val_df = _pred_df(40, 5, seed=20), _pred_df(30, 5, seed=21)
+    as_score = {f"p_{c}": f"score_{c}" for c in CT}
+    prob = ev.evaluate_predictions(test_df, CT, val_df=val_df, n_boot=50)
+    score = ev.evaluate_predictions(test_df.rename(columns=as_score), CT,
+                                    val_df=val_df.rename(columns=as_score), n_boot=50, output="score")
+    assert prob["output"] == "probability" and score["output"] == "score"
+    assert prob["calibrated"] is False and score["calibrated"] is False
+    # Same numbers where a ranking / arg-max is all that matters.
+    for key in ("accuracy", "f1_macro", "auc_macro", "confusion_matrix", "ci95"):
+        assert score[key] == prob[key], key
+    cal = score["calibration"]
+    assert cal["applicable"] is False and "not a probability" in cal["reason"]
+    assert cal["ece"] is None and cal["temperature"] is None and cal["ece_after_temperature"] is None
+    assert cal["reliability"] is None
+    assert prob["calibration"]["applicable"] is True and prob["calibration"]["temperature"] > 0
+    json.dumps(score, allow_nan=False)
+    # A score table is not read as probabilities, nor the reverse.
+    with pytest.raises(ValueError, match="p_covid"):
+        ev.evaluate_predictions(test_df.rename(columns=as_score), CT, n_boot=10)
+    with pytest.raises(ValueError, match="score_covid"):
+        ev.evaluate_predictions(test_df, CT, n_boot=10, output="score")
+    with pytest.raises(ValueError, match="output must be"):
+        ev.evaluate_predictions(test_df, CT, n_boot=10, output="logit")
+
+
+def test_calibration_block():
+    y, p = _noisy(300, seed=4, temp=0.5)
+    yv, pv = _noisy(300, seed=5, temp=0.5)
+    full = ev.calibration_block(y, p, yv, pv)
+    assert full["applicable"] is True and full["ece"] == pytest.approx(ev.expected_calibration_error(y, p))
+    assert full["temperature"] == pytest.approx(ev.fit_temperature(pv, yv))
+    assert full["ece_after_temperature"] < full["ece"]
+    no_val = ev.calibration_block(y, p)
+    assert no_val["temperature"] is None and no_val["ece_after_temperature"] is None
+    assert ev.calibration_block(y, p, yv, pv, output="score")["applicable"] is False

@@ -224,6 +224,15 @@ def test_reliability_diagram(tmp_path):
         plots.plot_reliability_diagram(y, p[:, :2])
 
 
+def test_reliability_diagram_refuses_a_score(tmp_path):
+    """Issue #11: the hard vote's ranking score has no calibration to draw."""
+    y, p = _scores(n=50)
+    out = tmp_path / "rel.png"
+    with pytest.raises(ValueError, match="not a probability"):
+        plots.plot_reliability_diagram(y, p, path=out, output="score")
+    assert not out.exists()
+
+
 def _grid_data(n_images, seed=0):
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(n_images, 16, 16), dtype=np.uint8)
@@ -305,11 +314,23 @@ def test_ablation(tmp_path):
         }
     )
     out = tmp_path / "abl.png"
-    plots.plot_ablation(table, path=out)
+    plots.plot_ablation(table, path=out, metric="accuracy")
     _png_ok(out)
-    plots.plot_ablation(table[["pipeline", "accuracy"]])  # no CI columns: bars only
+    plots.plot_ablation(table[["pipeline", "accuracy"]], metric="accuracy")  # no CI: bars only
     with pytest.raises(ValueError, match="f1_macro"):
         plots.plot_ablation(table, metric="f1_macro")
+
+
+def test_ablation_table_with_seeds_and_paired_difference(tmp_path):
+    """The ablation's own table: seed means and the paired difference to none in a second panel."""
+    table = pd.DataFrame({
+        "pipeline": ["none", "crop+wb+clahe"], "auc_macro_mean": [0.80, 0.86],
+        "auc_macro_lo": [0.7, 0.78], "auc_macro_hi": [0.88, 0.92],
+        "auc_macro_diff_vs_none": [0.0, 0.06], "auc_macro_diff_lo": [0.0, 0.01],
+        "auc_macro_diff_hi": [0.0, 0.1]})
+    fig = plots.plot_ablation(table, path=tmp_path / "abl2.png")
+    _png_ok(tmp_path / "abl2.png")
+    assert len(fig.axes) == 2
 
 
 def test_threshold_sweep(tmp_path):

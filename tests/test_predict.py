@@ -56,7 +56,8 @@ def make_run(root: Path, method: str = "hard") -> Path:
     save_model_atomic(ens, ens_dir / "model.keras")
     (ens_dir / "labels.json").write_text(json.dumps(CLASSES))
     (ens_dir / "config.json").write_text(json.dumps(
-        {"method": method, "members": NAMES, "weights": None, "img_size": S}))
+        {"method": method, "members": NAMES, "weights": None, "img_size": S,
+         "output": ensemble.output_kind(method), "calibrated": False}))
     return root
 
 
@@ -96,6 +97,10 @@ def _cols(df, prefix):
     return [f"{prefix}:p_{c}" for c in CLASSES]
 
 
+def _score_cols():
+    return [f"vote:score_{c}" for c in CLASSES]
+
+
 def test_rows_keys_and_errors(predicted):
     df, files, missing, _ = predicted
     by_path = df.set_index("path")
@@ -106,7 +111,7 @@ def test_rows_keys_and_errors(predicted):
     for bad in (files["bad"], missing):
         row = by_path.loc[str(bad)]
         assert row["error"], bad
-        assert row[_cols(df, "vote")].isna().all()
+        assert row[_score_cols() + ["vote:votes", "vote:agreement"]].isna().all()
     assert "not found" in by_path.loc[str(missing), "error"]
     assert len(df) == 1 + 1 + 3 + 2
     assert df.attrs["skipped"] == [str(files["txt"])]
@@ -120,11 +125,49 @@ def test_probabilities_and_vote(predicted):
     ok = df[df["error"] == ""]
     assert len(ok) == 5
     members = [ok[_cols(df, n)].to_numpy(dtype=float) for n in NAMES]
-    for p in members + [ok[_cols(df, "vote")].to_numpy(dtype=float)]:
+    for p in members:
         np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
     vote = ensemble.combine(members, "hard")
-    np.testing.assert_allclose(ok[_cols(df, "vote")].to_numpy(dtype=float), vote, atol=1e-12)
+    np.testing.assert_allclose(ok[_score_cols()].to_numpy(dtype=float), vote, atol=1e-12)
     assert list(ok["prediction"]) == [config.display_name(CLASSES[i]) for i in vote.argmax(axis=1)]
+
+
+def test_hard_vote_publishes_scores_votes_and_agreement_not_probabilities(predicted):
+    """Issue #11: the hard vote's score is a ranking score; it never gets a p_ name."""
+    df, *_ = predicted
+    assert not [c for c in df.columns if c.startswith("vote:p_")]
+    assert list(df.columns[2:7]) == _score_cols() + ["vote:votes", "vote:agreement"]
+    ok = df[df["error"] == ""]
+    members = [ok[_cols(df, n)].to_numpy(dtype=float) for n in NAMES]
+    winner = ok[_score_cols()].to_numpy(dtype=float).argmax(axis=1)
+    tops = np.stack([m.argmax(axis=1) for m in members])
+    np.testing.assert_array_equal(ok["vote:votes"].to_numpy(dtype=int), (tops == winner).sum(axis=0))
+    assert (ok["vote:votes"] >= 1).all()  # three members, three classes: the winner has a vote
+    np.testing.assert_allclose(ok["vote:agreement"].to_numpy(dtype=float),
+                               ok["vote:votes"].to_numpy(dtype=float) / 3)
+    assert df.attrs["vote_output"] == "score"
+    cols = df.attrs["columns"]
+    assert list(cols) == list(df.columns)
+    assert "not a probability" in cols["vote:score_covid"]
+    assert "uncalibrated" in cols[f"{NAMES[0]}:p_covid"]
+    text = predict.format_table(df)
+    assert "/3 votes" in text and "NOT probabilities" in text
+
+
+def test_written_csv_says_which_columns_are_probabilities(predicted, tmp_path):
+    df, *_ = predicted
+    out = predict.write_predictions(df, tmp_path / "pred.csv")
+    back = pd.read_csv(out, keep_default_na=False)
+    assert list(back.columns) == list(df.columns)
+    assert back.loc[back["error"] == "", "vote:votes"].astype(int).between(1, 3).all()
+    assert (back.loc[back["error"] != "", "vote:votes"] == "").all()  # not NaN / 2.0
+    doc = json.loads(predict.columns_path(out).read_text())
+    assert predict.columns_path(out).name == "pred.csv.columns.json"
+    assert doc["vote"] == "hard" and doc["vote_output"] == "score" and doc["csv"] == "pred.csv"
+    assert doc["score_columns"] == _score_cols()
+    assert doc["probability_columns"] == [c for n in NAMES for c in _cols(df, n)]
+    assert doc["calibrated_columns"] == []
+    assert set(doc["columns"]) == set(df.columns)
 
 
 def test_member_sees_its_training_preparation(predicted, run_dir):
@@ -160,6 +203,13 @@ def test_vote_override_and_weighted_needs_weights(run_dir, tmp_path):
     members = [df[_cols(df, n)].to_numpy(dtype=float) for n in NAMES]
     np.testing.assert_allclose(df[_cols(df, "vote")].to_numpy(dtype=float), np.mean(members, axis=0), atol=1e-12)
     assert df.attrs["vote"] == "soft" and "gradcam_vote" not in df.columns
+    # The soft vote is a probability: p_ names, no score columns; votes / agreement as for hard.
+    assert df.attrs["vote_output"] == "probability"
+    assert not [c for c in df.columns if c.startswith("vote:score_")]
+    winner = np.mean(members, axis=0).argmax(axis=1)
+    assert df.loc[0, "vote:votes"] == sum(int(m.argmax(axis=1)[0] == winner[0]) for m in members)
+    assert "uncalibrated" in df.attrs["columns"]["vote:p_covid"]
+    assert "p=" in predict.format_table(df)
     with pytest.raises(ValueError, match="weighted vote needs weights"):
         predict.predict_paths(png, run_dir, vote="weighted")
 
@@ -226,3 +276,6 @@ def test_cli_predict_writes_csv(run_dir, tmp_path):
     assert "soft vote of SmallA, SmallB, SmallC" in res.stdout
     assert "1 unreadable" in res.stdout and "could not be read" in res.stderr
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pred.csv")]
+    assert "vote:p_covid" in df.columns and "uncalibrated probabilities" in res.stdout
+    doc = json.loads((tmp_path / "pred.csv.columns.json").read_text())
+    assert doc["vote_output"] == "probability" and doc["score_columns"] == []

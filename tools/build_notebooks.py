@@ -123,9 +123,11 @@ NB02 = notebook([
 {DISCLAIMER}
 
 AICOV-CT claims enhancement matters. Here each step is shown on a real-looking slice (with its
-histogram), then the same quick model, seed and budget is trained on every pipeline and the test
-metrics are compared with 95% confidence intervals. Overlapping intervals mean **no demonstrated
-difference**. Writes `RUN_DIR/enhancement_ablation.csv` and `figures/enhancement_*.png`.
+histogram), then the same quick model and budget is trained on every pipeline, once per seed in
+`ABLATION_SEEDS`. Every pipeline is tested on the same patients, so the question is paired: the
+verdict is the patient-bootstrap 95% CI of the seed-averaged macro-AUC difference to `none`
+(above 0 better, below 0 worse, containing 0 **no demonstrated difference**); accuracy and the
+spread across seeds are shown alongside. Writes `RUN_DIR/enhancement_ablation.csv` and `figures/enhancement_*.png`.
 """),
     code(SETUP),
     params('''
@@ -161,7 +163,7 @@ if RUN_ABLATION:
                                   epochs=ABLATION_EPOCHS, batch_size=BATCH_SIZE, seeds=ABLATION_SEEDS,
                                   n_boot=N_BOOT)
     display(table)
-    display(plots.plot_ablation(table, run_dir / "figures" / "enhancement_ablation.png", metric="accuracy"))
+    display(plots.plot_ablation(table, run_dir / "figures" / "enhancement_ablation.png", metric="auc_macro"))
 '''),
 ])
 
@@ -223,7 +225,8 @@ NB04 = notebook([
 
 {DISCLAIMER}
 
-Evaluates each CT backbone on the test split (AUC from probabilities, 95% bootstrap CIs over
+Evaluates each CT backbone on the test split (AUC from probabilities; for the hard vote from its
+ranking score, which is not a probability and gets no calibration; 95% bootstrap CIs over
 patients, calibration, patient-level metrics), combines them by vote (**hard** majority: ties go
 to the tied class with the highest mean probability; **soft**: mean probability; **weighted**:
 weights fitted on validation), and runs the two-phase routing: X-ray positive → CT; X-ray
@@ -259,13 +262,13 @@ print(train.describe_device())
 '''),
     code('''
 result = report.evaluate_run(
-    run_dir, BACKBONES, xray_backbone=XRAY_BACKBONE, vote=VOTE, cohort=COHORT,
+    run_dir, backbones=BACKBONES, xray_backbone=XRAY_BACKBONE, vote=VOTE, cohort=COHORT,
     phase1_threshold=PHASE1_THRESHOLD, uncertainty_band=UNCERTAINTY_BAND,
     clinical_flag_rate=CLINICAL_FLAG_RATE, n_boot=N_BOOT, seed=SEED, gradcam_images=GRADCAM_IMAGES,
     external_dataset=EXTERNAL_DATASET, patient_pattern=EXTERNAL_PATIENT_PATTERN)
 Markdown((run_dir / "results.md").read_text().split("## Figures")[0])
 '''),
-    md("## Figures\nConfusion matrices (counts and row-normalised), ROC curves, reliability diagram, the "
+    md("## Figures\nConfusion matrices (counts and row-normalised), ROC curves, reliability diagrams (probabilities only: none for the hard vote's score), the "
        "5×5 test grid (`N=index | P=predicted | GT=truth`, green right, red wrong), Grad-CAM, and "
        "the phase-1 threshold sweep."),
     code('''
