@@ -16,7 +16,7 @@ a multiple of the batch so no step is partial), it times:
 * ours: what :func:`covidlib.train.train` runs: the decode-once store, ``ArrayLoader(shuffle=True)``
   (uint8 batches, cast in the model), the augmentation block inside the model, class weights,
   a validation loader and every callback of ``train._callbacks`` (BestWeights, EarlyStopping,
-  ReduceLROnPlateau, CSVLogger, BudgetedBackupAndRestore, EpochTensorBoard);
+  ReduceLROnPlateau, PhaseCSVLogger, BudgetedBackupAndRestore, EpochTensorBoard);
 * for the backbones named in ``--breakdown`` (default SmallCNN): ours without the augmentation
   block, to split the overhead.
 
@@ -421,8 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         "- Process CPU time (all threads of the benchmark process) is less sensitive than wall "
         "time to other jobs on the machine; its ratio is a cross-check of the wall-time ratio.\n"
         "- Outside the timed epochs, once per `fit` call here (once per run in `train()`: "
-        "data-adapter and callback set-up / tear-down, e.g. BackupAndRestore deleting its "
-        "backup), median bare / ours: "
+        "data-adapter and callback set-up / tear-down, e.g. the budgeted backup's "
+        "final save), median bare / ours: "
         + ", ".join(f"{bb} {a:.2f} / {b:.2f} s" for bb, (a, b) in fit_extra.items()) + ".\n"
         + (f"- **Noisy**: the timed epochs of one variant differ by more than 30 % for "
            f"{', '.join(noisy)} (other jobs on the machine); read those ratios with care, or rerun "

@@ -198,7 +198,12 @@ def _weights(text: str | None) -> str | None:
 
 
 def _unfreeze(text: str) -> str | int:
-    return text if text == "all" else int(text)
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("--unfreeze must be all or a positive integer") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--fine-tune-lr", type=float, help="learning rate after unfreezing")
     p.add_argument("--unfreeze", type=_unfreeze, help="all, or how many top backbone layers to unfreeze")
-    p.add_argument("--patience", type=int, help="early-stopping patience (epochs)")
+    p.add_argument("--patience", type=int, help="early-stopping patience of phase 1 (epochs); phase 2 always runs "
+                                             "--fine-tune-epochs")
     p.add_argument("--imbalance", choices=["class_weight", "balanced_sampling", "none"])
     p.add_argument("--seed", type=int)
     p.add_argument("--overwrite", action="store_true")

@@ -11,6 +11,8 @@ Layer chain (linear, relied on by :mod:`covidlib.explain`)::
 """
 from __future__ import annotations
 
+import functools
+import numbers
 import os
 import socket
 import warnings
@@ -401,13 +403,47 @@ def build_model(
     return keras.Model(inputs, outputs, name=f"{backbone}_classifier")
 
 
+@functools.lru_cache(maxsize=None)
+def backbone_layer_count(backbone: str) -> int:
+    """Number of layers of a backbone (``len(backbone.layers)``, what ``unfreeze`` counts).
+
+    Built once per name without weights (no download) and cached: the architecture, hence the
+    count, does not depend on the weights or on the input size.
+    """
+    _spec(backbone)
+    return len(build_backbone(backbone, 224, weights=None, bn_momentum=None).layers)
+
+
+def check_unfreeze(unfreeze: Any, backbone: str) -> None:
+    """Raise ``ValueError`` unless ``unfreeze`` is ``"all"`` or an int in 1..layers of ``backbone``.
+
+    Zero would slice ``layers[:-0]`` (nothing frozen, the whole backbone trained) and a bool is
+    an int to Python, so both are refused explicitly.
+    """
+    if unfreeze == "all" and isinstance(unfreeze, str):
+        return
+    if isinstance(unfreeze, bool) or not isinstance(unfreeze, numbers.Integral):
+        raise ValueError(f"unfreeze must be 'all' or a positive int (the number of top backbone "
+                         f"layers to fine-tune), got {unfreeze!r}")
+    n = backbone_layer_count(backbone)
+    if not 1 <= int(unfreeze) <= n:
+        raise ValueError(f"unfreeze must be 'all' or an int from 1 to {n} (the layers of the "
+                         f"{backbone} backbone), got {unfreeze!r}")
+
+
 def set_backbone_trainable(model: keras.Model, trainable: bool, top_n: int | None = None) -> None:
     """Freeze or unfreeze the backbone; with ``top_n``, unfreeze only its last ``top_n`` layers.
 
     Batch-norm layers inside a pretrained backbone stay frozen (they run in inference mode anyway).
     Recompile the model afterwards: Keras reads ``trainable`` at compile time.
+
+    Raises:
+        ValueError: ``top_n`` is not an int from 1 to the backbone's number of layers.
     """
     base = model.get_layer("backbone")
+    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, numbers.Integral)
+                              or not 1 <= int(top_n) <= len(base.layers)):
+        raise ValueError(f"top_n must be None or an int from 1 to {len(base.layers)}, got {top_n!r}")
     base.trainable = trainable
     if trainable and top_n is not None:
         for layer in base.layers[:-top_n]:

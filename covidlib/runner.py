@@ -171,7 +171,7 @@ def describe_step(label: str, params: dict[str, Any], defaults: dict[str, Any]) 
                 f"{v['ABLATION_EPOCHS']} epochs each (ABLATION_EPOCHS)")
     if label.startswith("03_"):
         tune = f" + {v['FINE_TUNE_EPOCHS']} fine-tune" if v.get("WEIGHTS") and v["FINE_TUNE_EPOCHS"] else ""
-        return (f"trains {v['BACKBONE']} on {v['MODALITY']}, {v['IMG_SIZE']} px, {v['EPOCHS']} epochs"
+        return (f"trains {v['BACKBONE']} on {v['MODALITY']}, {v['IMG_SIZE']} px, up to {v['EPOCHS']} epochs"
                 f"{tune}, weights {v['WEIGHTS']}, enhancement {v['ENHANCEMENT']}")
     if label.startswith("04_"):
         return (f"evaluates {', '.join(v['BACKBONES'])} and their {v['VOTE']} vote; "

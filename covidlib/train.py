@@ -1,9 +1,10 @@
 """Fitting a backbone on a manifest, with callbacks, resume, and a saved run.
 
 A run lives in ``RUN_DIR/models/<NAME>/``: ``model.keras``, ``labels.json`` (class order),
-``config.json`` (everything needed to reproduce it), ``history.csv`` and
-``predictions_<split>.csv`` (per-image probabilities of the val and test splits). Evaluating
-the test split beyond saving its predictions is :mod:`covidlib.evaluate`'s job.
+``config.json`` (everything needed to reproduce it), ``history.csv`` (one row per epoch with its
+``phase``: 1, or 2 for fine-tuning) and ``predictions_<split>.csv`` (per-image probabilities of
+the val and test splits). Evaluating the test split beyond saving its predictions is
+:mod:`covidlib.evaluate`'s job.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import keras
 from covidlib import config
 from covidlib.fsutil import atomic_open, atomic_write_text
 from covidlib.data import ArrayLoader, ArrayStore, build_store, class_weights, manifest_fingerprint
-from covidlib.models import build_model, set_backbone_trainable
+from covidlib.models import build_model, check_unfreeze, set_backbone_trainable
 
 # Best weights by validation AUC (numpy .npz of model.get_weights(), see BestWeights).
 BEST_WEIGHTS = "best.weights.npz"
@@ -38,17 +39,20 @@ class TrainConfig:
         backbone: a name from :data:`covidlib.models.BACKBONES`.
         modality: ``"ct"`` or ``"xray"``; only manifest rows of this modality are used.
         img_size: square input size.
-        epochs: epochs of the first phase (the only phase when training from scratch).
-        fine_tune_epochs: with pretrained weights, epochs after unfreezing (0 = head only).
+        epochs: most epochs of the first phase (the only phase when training from scratch);
+            early stopping may end it sooner.
+        fine_tune_epochs: with pretrained weights, epochs after unfreezing (0 = head only),
+            exactly this many whenever phase 1 ended.
         batch_size: images per batch.
         weights: ``"imagenet"``, ``None`` or a path to a backbone weights file.
         head: classification head (see :func:`covidlib.models.build_model`).
         learning_rate: first-phase learning rate (Adam).
         fine_tune_lr: learning rate after unfreezing (10-100x lower, keras-io recipe).
-        unfreeze: ``"all"`` or the number of top backbone layers to unfreeze.
+        unfreeze: ``"all"`` or the number of top backbone layers to unfreeze, from 1 to the
+            backbone's layer count (:func:`covidlib.models.backbone_layer_count`).
         imbalance: ``"class_weight"`` (default), ``"balanced_sampling"`` or ``"none"``.
         augment: train with the augmentation block.
-        patience: early-stopping patience (epochs without a better validation AUC).
+        patience: early-stopping patience of phase 1 (epochs without a better validation AUC).
         seed: seed of weights init, shuffling and augmentation.
         bn_momentum: batch-norm momentum when training from scratch.
         mixed_precision: ``"auto"`` (on with a GPU), ``"on"`` or ``"off"``.
@@ -102,6 +106,10 @@ class TrainConfig:
                 raise ValueError(f"{opt} must be 'auto', 'on' or 'off'")
         if self.epochs < 1 or self.batch_size < 1 or self.img_size < 32:
             raise ValueError("epochs and batch_size must be >= 1 and img_size >= 32")
+        if self.fine_tune_epochs < 0 or self.patience < 0:
+            raise ValueError("fine_tune_epochs and patience must be >= 0")
+        # Checked here, not when phase 2 starts: a bad value must not cost a trained phase 1.
+        check_unfreeze(self.unfreeze, self.backbone)
 
 
 @dataclass
@@ -202,20 +210,6 @@ def prediction_collapse(probs: np.ndarray, min_std: float = 0.05) -> bool:
     return bool(one_class and float(probs.std(axis=0).max()) < min_std)
 
 
-class _KillAfter(keras.callbacks.Callback):
-    """Test hook: raise after ``n_batches`` training batches (simulates a killed run)."""
-
-    def __init__(self, n_batches: int) -> None:
-        super().__init__()
-        self.n = n_batches
-        self.seen = 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.seen += 1
-        if self.seen >= self.n:
-            raise KeyboardInterrupt(f"simulated kill after {self.seen} batches")
-
-
 def _policy(cfg: TrainConfig, gpu: bool) -> tuple[bool, bool]:
     mp = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and gpu)
     jit = cfg.jit_compile == "on" or (cfg.jit_compile == "auto" and gpu)
@@ -267,8 +261,8 @@ class BestWeights(keras.callbacks.Callback):
         self.sign = 1.0 if mode == "max" else -1.0
         self.best = -np.inf if initial_value_threshold is None else self.sign * float(initial_value_threshold)
         self.best_epoch: int | None = None
-        self._copy: list | None = None
-        self._pending = False
+        self.copies: list | None = None
+        self.pending = False
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
@@ -277,32 +271,33 @@ class BestWeights(keras.callbacks.Callback):
         if self.sign * float(value) > self.best:
             self.best = self.sign * float(value)
             self.best_epoch = epoch
-            self._snapshot()
+            self.snapshot()
 
-    def _snapshot(self) -> None:
+    def snapshot(self) -> None:
+        """Copy the current weights into the best-weights variables (pending a flush)."""
         weights = self.model.weights
-        same = self._copy is not None and len(self._copy) == len(weights) and all(
-            tuple(c.shape) == tuple(w.shape) for c, w in zip(self._copy, weights))
+        same = self.copies is not None and len(self.copies) == len(weights) and all(
+            tuple(c.shape) == tuple(w.shape) for c, w in zip(self.copies, weights))
         if same:
-            for c, w in zip(self._copy, weights):
+            for c, w in zip(self.copies, weights):
                 c.assign(w)
         else:  # first improvement: allocate the copy once (never from w.value: on TensorFlow
             # that would wrap the very same variable, not copy it)
-            self._copy = []
+            self.copies = []
             for i, w in enumerate(weights):
                 c = keras.Variable(keras.ops.zeros(w.shape, w.dtype), trainable=False, name=f"best_{i}")
                 c.assign(w)
-                self._copy.append(c)
-        self._pending = True
+                self.copies.append(c)
+        self.pending = True
 
     def flush(self) -> None:
         """Write the pending best weights, if any."""
-        if not self._pending or self._copy is None:
+        if not self.pending or self.copies is None:
             return
-        arrays = [keras.ops.convert_to_numpy(c) for c in self._copy]
+        arrays = [keras.ops.convert_to_numpy(c) for c in self.copies]
         with atomic_open(self.path) as fh:
             np.savez(fh, *arrays)
-        self._pending = False
+        self.pending = False
 
     def on_train_end(self, logs=None):
         self.flush()
@@ -322,14 +317,14 @@ class EpochTensorBoard(keras.callbacks.Callback):
     def __init__(self, log_dir: str | os.PathLike) -> None:
         super().__init__()
         self.log_dir = Path(log_dir)
-        self._writers: dict[str, Any] = {}
+        self.writers: dict[str, Any] = {}
 
-    def _writer(self, run: str):
-        if run not in self._writers:
+    def writer(self, run: str):
+        if run not in self.writers:
             from tensorboard.summary import Writer
 
-            self._writers[run] = Writer(str(self.log_dir / run))
-        return self._writers[run]
+            self.writers[run] = Writer(str(self.log_dir / run))
+        return self.writers[run]
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
@@ -344,14 +339,14 @@ class EpochTensorBoard(keras.callbacks.Callback):
             except (TypeError, ValueError):
                 continue
             run, name = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
-            self._writer(run).add_scalar(f"epoch_{name}", value, step=epoch)
-        for w in self._writers.values():
+            self.writer(run).add_scalar(f"epoch_{name}", value, step=epoch)
+        for w in self.writers.values():
             w.flush()
 
     def on_train_end(self, logs=None):
-        for w in self._writers.values():
+        for w in self.writers.values():
             w.close()
-        self._writers = {}
+        self.writers = {}
 
 
 def load_best_weights(model: keras.Model, path: str | os.PathLike) -> None:
@@ -361,87 +356,196 @@ def load_best_weights(model: keras.Model, path: str | os.PathLike) -> None:
     model.set_weights(weights)
 
 
-class BudgetedBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """``BackupAndRestore`` that spends at most ``budget`` of the training time on backups.
+# Public counters of EarlyStopping / ReduceLROnPlateau that their on_train_begin resets: a backup
+# keeps them so a resumed run stops and lowers the learning rate where the uninterrupted one would.
+_CALLBACK_STATE = ("wait", "best", "best_epoch", "stopped_epoch", "cooldown_counter")
 
-    Writing weights + optimizer state every epoch cost up to 1.2 s per epoch on short epochs
-    (BENCHMARKS.md, "Training loop overhead"). Here an epoch end is backed up only when the time
-    since the last backup is at least ``last backup's cost / budget``; the first epoch always is.
-    A killed run therefore loses at most about ``cost / budget`` seconds of work (60 s for a 1.2 s
-    backup at the default 2 %) and still resumes to the same number of epochs. ``also_save`` callables run
-    with each backup, inside the same budget (:meth:`BestWeights.flush`).
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready copy of a callback counter (numpy scalars become Python numbers)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def save_weights_atomic(model: keras.Model, path: Path) -> None:
+    """``model.save_weights(path)`` (a ``.weights.h5`` file) so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stem = path.name[: -len(".weights.h5")]
+    tmp = path.with_name(f".{stem}.{os.getpid()}.tmp.weights.h5")  # Keras insists on the suffix
+    try:
+        model.save_weights(str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _rng_variables(model: keras.Model) -> list:
+    """The model's random-generator states (augmentation, dropout): ``variables`` minus ``weights``.
+
+    ``save_weights`` leaves them out; without them a resumed run would draw other augmentations
+    and dropout masks than the uninterrupted run did.
+    """
+    weights = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
+class BudgetedBackupAndRestore(keras.callbacks.Callback):
+    """Epoch-end backups that spend at most ``budget`` of the training time (public Keras API).
+
+    A backup is ``backup_dir/ckpt.weights.h5`` (``model.save_weights``: the weights and, the
+    optimizer being built, its state) plus ``backup_dir/state.json``: the epochs completed, whether
+    the phase has finished, the random-generator states and the counters of the ``stateful``
+    callbacks. Both are written atomically, the weights first: a kill between the two leaves the
+    older epoch count, so that epoch is trained again, never skipped. :func:`train` reads the state
+    (:func:`read_backup`), loads the weights after compiling and passes ``initial_epoch`` to ``fit``.
+
+    Saving weights and optimizer state every epoch was most of a short epoch's overhead
+    (BENCHMARKS.md, "Training loop overhead"). Here an epoch end is backed up only when the training
+    time since the last backup is at least ``last backup's cost / budget``; the first epoch of a fit
+    always is. A killed run loses at most about ``cost / budget`` of training and still resumes to
+    the same number of epochs. ``also_save`` callables run with each backup, inside the same budget
+    (:meth:`BestWeights.flush`); :meth:`finish` records the end of a phase.
+
+    Only epoch hooks: a batch hook makes Keras treat the callback list as unsafe for asynchronous
+    dispatch and fetch every step's logs, a device sync per step (on a GPU the input pipeline then
+    stopped overlapping the compute; BENCHMARKS.md, GPU).
     """
 
-    def __init__(self, backup_dir: str, budget: float = 0.02, also_save: Sequence[Callable[[], None]] = (),
-                 **kwargs: Any) -> None:
-        super().__init__(backup_dir, save_freq="epoch", **kwargs)
+    WEIGHTS = "ckpt.weights.h5"
+    STATE = "state.json"
+
+    def __init__(self, backup_dir: str | os.PathLike, budget: float = 0.02,
+                 also_save: Sequence[Callable[[], None]] = (),
+                 stateful: Sequence[keras.callbacks.Callback] = ()) -> None:
+        super().__init__()
+        self.backup_dir = Path(backup_dir)
         self.budget = float(budget)
         self.also_save = list(also_save)
-        self._cost = 0.0
-        self._trained = 0.0  # seconds of training (epoch begin -> end) since the last backup
-        self._epoch_t0: float | None = None
+        # They must come before this callback in the fit's list: their on_train_begin resets the
+        # counters that this one's on_train_begin then puts back from ``resume_state``.
+        self.stateful = list(stateful)
+        self.resume_state: dict | None = None
+        self.completed: int | None = None  # epochs completed at the last epoch end (global count)
+        self.saved: int | None = None  # ``completed`` at the last backup
+        self.cost = 0.0  # seconds the last backup took
+        self.trained = 0.0  # seconds of training (epoch begin -> end) since the last backup
+        self.epoch_t0: float | None = None
+
+    def on_train_begin(self, logs=None):
+        states = (self.resume_state or {}).get("callbacks") or {}
+        for cb in self.stateful:
+            for attr, value in states.get(type(cb).__name__, {}).items():
+                setattr(cb, attr, value)
 
     def on_epoch_begin(self, epoch, logs=None):
-        super().on_epoch_begin(epoch, logs)
-        self._epoch_t0 = time.perf_counter()
+        self.epoch_t0 = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        self._current_epoch = epoch + 1
-        self._last_batch_seen = 0
-        if self._epoch_t0 is not None:
+        self.completed = epoch + 1
+        if self.epoch_t0 is not None:
             # Training time, not wall time: time outside fit (another fit call, a paused
             # notebook) must not make backups more frequent.
-            self._trained += time.perf_counter() - self._epoch_t0
-        if self._cost <= self.budget * self._trained:
+            self.trained += time.perf_counter() - self.epoch_t0
+        if self.cost <= self.budget * self.trained:
             t0 = time.perf_counter()
-            for save in self.also_save:
-                save()
-            self._save_model()
-            self._cost = time.perf_counter() - t0
-            self._trained = 0.0
+            # Early stopping (earlier in the list) may have ended the phase at this epoch: record
+            # it, or a resume would train on where the uninterrupted run stopped.
+            self.save(finished=bool(getattr(self.model, "stop_training", False)))
+            self.cost = time.perf_counter() - t0
+            self.trained = 0.0
 
-    # Backups are taken at epoch ends only. BackupAndRestore's batch hook (for an integer
-    # save_freq) would make Keras treat this callback as unsafe for asynchronous dispatch and
-    # pull every step's logs back to the host: a device sync per step, so on a GPU the input
-    # pipeline no longer overlapped the compute (DenseNet121 on an H100: ours / bare 0.78 with the
-    # hook, 1.04 without; BENCHMARKS.md, GPU).
-    on_train_batch_end = keras.callbacks.Callback.on_train_batch_end
+    def save(self, finished: bool = False) -> None:
+        """Back up the model at the last completed epoch (``also_save`` first)."""
+        for save in self.also_save:
+            save()
+        save_weights_atomic(self.model, self.backup_dir / self.WEIGHTS)
+        self.write_state(finished)
+
+    def write_state(self, finished: bool) -> None:
+        """Write ``state.json`` for the weights last saved."""
+        state = {
+            "epoch": self.completed,
+            "finished": bool(finished),
+            "callbacks": {type(cb).__name__: {a: _plain(getattr(cb, a)) for a in _CALLBACK_STATE
+                                              if hasattr(cb, a)} for cb in self.stateful},
+            "rng": [keras.ops.convert_to_numpy(v).tolist() for v in _rng_variables(self.model)],
+        }
+        atomic_write_text(self.backup_dir / self.STATE, json.dumps(state))
+        self.saved = self.completed
+
+    def finish(self) -> None:
+        """Record that the phase ended (call when ``fit`` returns): a resume goes straight past it."""
+        if self.completed is None:
+            return
+        if self.saved == self.completed:
+            self.write_state(finished=True)
+        else:
+            self.save(finished=True)
 
 
-def _restored_epoch(backup_dir: Path) -> int:
-    """The epoch a BackupAndRestore folder will resume from (0 when nothing was backed up)."""
-    meta = backup_dir / "training_metadata.json"
+def read_backup(backup_dir: str | os.PathLike) -> dict | None:
+    """The ``state.json`` of a backup folder, or None when nothing usable was backed up."""
+    backup_dir = Path(backup_dir)
     try:
-        return int(json.loads(meta.read_text())["epoch"])
-    except (OSError, ValueError, KeyError):
-        return 0
+        state = json.loads((backup_dir / BudgetedBackupAndRestore.STATE).read_text())
+        state["epoch"] = int(state["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return state if (backup_dir / BudgetedBackupAndRestore.WEIGHTS).is_file() else None
+
+
+def _restore(model: keras.Model, backup_dir: Path, state: dict) -> None:
+    """Load a backup into the compiled model: weights, optimizer state, random-generator states."""
+    # load_weights fills optimizer variables only if they exist; fit would create them too late.
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(str(backup_dir / BudgetedBackupAndRestore.WEIGHTS))
+    rng, saved = _rng_variables(model), state.get("rng") or []
+    if len(rng) == len(saved):
+        for var, value in zip(rng, saved):
+            var.assign(np.asarray(value, dtype=var.dtype))
+
+
+class PhaseCSVLogger(keras.callbacks.CSVLogger):
+    """``CSVLogger`` in append mode with a ``phase`` column (1: first phase, 2: fine-tuning)."""
+
+    def __init__(self, filename: str | os.PathLike, phase: int) -> None:
+        super().__init__(str(filename), append=True)
+        self.phase = int(phase)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, {**(logs or {}), "phase": self.phase})
 
 
 def _truncate_history(history_csv: Path, keep_before: int) -> None:
     """Drop logged epochs that a resume will run again (backups are not taken every epoch)."""
     if not history_csv.is_file():
         return
-    h = pd.read_csv(history_csv)
-    if "epoch" in h and (h["epoch"] >= keep_before).any():
+    try:
+        h = pd.read_csv(history_csv)
+    except pd.errors.EmptyDataError:  # opened by CSVLogger, killed before its first row
+        h = pd.DataFrame()
+    if "epoch" not in h or not (h["epoch"] < keep_before).any():
+        # Nothing kept: CSVLogger then writes a fresh header (an old one may lack a column).
+        history_csv.unlink()
+    elif (h["epoch"] >= keep_before).any():
         atomic_write_text(history_csv, h[h["epoch"] < keep_before].to_csv(index=False))
 
 
 def _callbacks(model_dir: Path, cfg: TrainConfig, phase: str, extra: list | None) -> list:
-    backup = model_dir / "backup" / phase
-    first_epoch = 0 if phase == "phase1" else cfg.epochs
-    _truncate_history(model_dir / "history.csv", max(_restored_epoch(backup), first_epoch))
-    # Order matters at an epoch's end: the best weights, the learning-rate change and the history
-    # row must all be in place before the backup records the epoch as done.
+    """The callbacks of one phase's ``fit``; ``phase`` is ``"phase1"`` or ``"phase2"``."""
+    # Order matters at an epoch's end: the best weights, the stopping decision, the learning-rate
+    # change and the history row must all be in place before the backup records the epoch as done.
     best = BestWeights(model_dir / BEST_WEIGHTS, monitor="val_auc", mode="max",
                        initial_value_threshold=_best_so_far(model_dir / "history.csv"))
-    cbs: list = [
-        best,
-        keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=cfg.patience),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
-                                          patience=max(1, cfg.patience // 2), min_lr=1e-7),
-        keras.callbacks.CSVLogger(str(model_dir / "history.csv"), append=True),
-        BudgetedBackupAndRestore(str(backup), delete_checkpoint=True, also_save=[best.flush]),
-    ]
+    reduce_lr = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
+                                                  patience=max(1, cfg.patience // 2), min_lr=1e-7)
+    stateful: list = [reduce_lr]
+    if phase == "phase1":  # phase 2 runs exactly fine_tune_epochs: no early stopping there
+        stateful.insert(0, keras.callbacks.EarlyStopping(monitor="val_auc", mode="max",
+                                                         patience=cfg.patience))
+    cbs: list = [best, *stateful, PhaseCSVLogger(model_dir / "history.csv", phase=int(phase[-1])),
+                 BudgetedBackupAndRestore(model_dir / "backup" / phase, also_save=[best.flush],
+                                          stateful=stateful)]
     if cfg.tensorboard:
         try:
             import tensorboard.summary  # noqa: F401
@@ -450,6 +554,124 @@ def _callbacks(model_dir: Path, cfg: TrainConfig, phase: str, extra: list | None
         else:
             cbs.append(EpochTensorBoard(model_dir / "logs"))
     return cbs + list(extra or [])
+
+
+@dataclass
+class _Fitting:
+    """What the phases of one run share."""
+
+    model: keras.Model
+    train_loader: ArrayLoader
+    val_loader: ArrayLoader
+    class_weight: dict | None
+    num_classes: int
+    jit: bool
+    verbose: int | str
+    extra: list | None
+
+
+def _seek_epoch(loader: ArrayLoader, epoch: int) -> None:
+    """Set the loader's seeded per-epoch shuffle to ``epoch``: a resumed fit does not start at 0."""
+    loader.epoch = epoch - 1
+    loader.on_epoch_end()  # advances to ``epoch`` and draws that epoch's order
+
+
+def _run_phase(job: _Fitting, model_dir: Path, cfg: TrainConfig, phase: int, start: int,
+               stop: int, lr: float) -> int:
+    """Compile and fit one phase (epochs ``start`` to ``stop - 1``), resuming from its backup.
+
+    Returns the epoch count at which the phase really ended: less than ``stop`` when early
+    stopping ended it. ``fit(initial_epoch=e, epochs=E)`` runs ``E - e`` epochs, so the caller
+    counts the next phase from this value.
+    """
+    backup_dir = model_dir / "backup" / f"phase{phase}"
+    state = read_backup(backup_dir)
+    _compile(job.model, lr, job.num_classes, job.jit)
+    done = start
+    if state is not None:
+        _restore(job.model, backup_dir, state)
+        done = state["epoch"]
+        if state.get("finished") or done >= stop:
+            return done
+    _truncate_history(model_dir / "history.csv", done)
+    cbs = _callbacks(model_dir, cfg, f"phase{phase}", job.extra)
+    backup = next(cb for cb in cbs if isinstance(cb, BudgetedBackupAndRestore))
+    backup.resume_state = state
+    _seek_epoch(job.train_loader, done)
+    job.model.fit(job.train_loader, validation_data=job.val_loader, initial_epoch=done,
+                  epochs=stop, class_weight=job.class_weight, verbose=job.verbose, callbacks=cbs)
+    backup.finish()
+    return done if backup.completed is None else backup.completed
+
+
+def _training_rows(manifest: pd.DataFrame, cfg: TrainConfig) -> tuple[pd.DataFrame, list[str]]:
+    """The manifest rows of ``cfg.modality`` and their class order; bad input raises ValueError."""
+    rows = manifest[manifest["modality"] == cfg.modality] if "modality" in manifest else manifest
+    if rows.empty:
+        raise ValueError(f"the manifest has no {cfg.modality!r} images")
+    classes = config.ordered_classes(rows["label"].unique())
+    if len(classes) < 2:
+        raise ValueError(f"need at least two classes to train, found {classes}")
+    for split in ("train", "val"):
+        if not (rows["split"] == split).any():
+            raise ValueError(f"the manifest has no {split!r} images for {cfg.modality!r}")
+    return rows, classes
+
+
+def _open_model_dir(model_dir: Path, full_cfg: dict, classes: list[str],
+                    overwrite: bool) -> tuple[bool, TrainResult | None]:
+    """Prepare ``model_dir``: ``(resuming, None)``, or ``(False, result)`` for a finished same run."""
+    if model_dir.exists() and not overwrite and (model_dir / "done.json").is_file():
+        saved = json.loads((model_dir / "config.json").read_text())
+        if _same_run(saved, full_cfg):
+            from covidlib.models import load_model
+
+            return False, TrainResult(model_dir, classes, pd.read_csv(model_dir / "history.csv"),
+                                      load_model(model_dir / "model.keras"), skipped=True)
+    in_progress = (model_dir / "backup").exists() and not overwrite
+    if in_progress:
+        saved_cfg = model_dir / "config.json"
+        if not saved_cfg.is_file() or not _same_run(json.loads(saved_cfg.read_text()), full_cfg):
+            in_progress = False
+    if not in_progress and model_dir.exists():
+        shutil.rmtree(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(model_dir / "config.json", json.dumps(full_cfg, indent=2, default=str))
+    atomic_write_text(model_dir / "labels.json", json.dumps(classes))
+    return in_progress, None
+
+
+def _fit_phases(job: _Fitting, model_dir: Path, cfg: TrainConfig) -> dict[str, int]:
+    """Phase 1 (head only when pretrained), then phase 2 (fine-tuning); epochs run in each."""
+    pretrained = cfg.weights is not None
+    if pretrained:
+        set_backbone_trainable(job.model, False)
+    end1 = _run_phase(job, model_dir, cfg, 1, 0, cfg.epochs, cfg.learning_rate)
+    end = end1
+    if pretrained and cfg.fine_tune_epochs > 0:
+        top_n = None if cfg.unfreeze == "all" else int(cfg.unfreeze)
+        set_backbone_trainable(job.model, True, top_n=top_n)
+        # Counted from where phase 1 really ended (early stopping), not from cfg.epochs.
+        end = _run_phase(job, model_dir, cfg, 2, end1, end1 + cfg.fine_tune_epochs, cfg.fine_tune_lr)
+    return {"1": end1, "2": end - end1}
+
+
+def _save_outputs(model: keras.Model, model_dir: Path, store: ArrayStore, classes: list[str],
+                  cfg: TrainConfig) -> None:
+    """Best weights into ``model``, then ``model.keras`` and the val / test predictions."""
+    best = model_dir / BEST_WEIGHTS
+    if best.is_file():
+        load_best_weights(model, best)
+    save_model_atomic(model, model_dir / "model.keras")
+    for split in ("val", "test"):
+        preds = predict_store(model, store, store.split_indices(split), classes)
+        atomic_write_text(model_dir / f"predictions_{split}.csv", preds.to_csv(index=False))
+        if split == "val" and len(preds) and prediction_collapse(
+                preds[[f"p_{c}" for c in classes]].to_numpy()):
+            warnings.warn(
+                f"{cfg.run_name()}: every validation image gets the same prediction - the model "
+                "collapsed to one class. Train longer, lower bn_momentum, or use pretrained weights.",
+                UserWarning, stacklevel=3)
 
 
 def train(
@@ -464,9 +686,12 @@ def train(
 ) -> TrainResult:
     """Train ``cfg.backbone`` on the train split, select on val, save predictions for val/test.
 
-    Re-running the same configuration on the same data returns the finished run without training
-    again; a run killed part-way resumes from its last completed epoch
-    (``keras.callbacks.BackupAndRestore``) and ends with the same number of epochs.
+    With pretrained weights, phase 1 trains the head on the frozen backbone (up to ``epochs``,
+    early stopping may end it sooner) and phase 2 fine-tunes at ``fine_tune_lr`` for exactly
+    ``fine_tune_epochs`` more. ``history.csv`` has a ``phase`` column. Re-running the same
+    configuration on the same data returns the finished run without training again; a run killed
+    part-way resumes from its last backup (:class:`BudgetedBackupAndRestore`) and ends with the
+    same epochs in each phase.
 
     Args:
         manifest: rows ``path, label, patient_id, split, modality`` (absolute paths).
@@ -475,41 +700,17 @@ def train(
         cache_dir: where the decoded array store lives (default ``run_dir/cache``).
         overwrite: retrain even when a finished run with this configuration exists.
         verbose: Keras ``fit`` verbosity.
-        extra_callbacks: more Keras callbacks (tests use one to simulate a kill).
+        extra_callbacks: more Keras callbacks, given to every phase's ``fit``.
     """
     cfg.validate()
-    rows = manifest[manifest["modality"] == cfg.modality] if "modality" in manifest else manifest
-    if rows.empty:
-        raise ValueError(f"the manifest has no {cfg.modality!r} images")
-    classes = config.ordered_classes(rows["label"].unique())
-    if len(classes) < 2:
-        raise ValueError(f"need at least two classes to train, found {classes}")
-    for split in ("train", "val"):
-        if not (rows["split"] == split).any():
-            raise ValueError(f"the manifest has no {split!r} images for {cfg.modality!r}")
-
+    rows, classes = _training_rows(manifest, cfg)
     run_dir = Path(run_dir)
     model_dir = run_dir / "models" / cfg.run_name()
     full_cfg = {**asdict(cfg), "classes": classes, "manifest_sha1": manifest_fingerprint(rows),
                 "keras_version": keras.__version__, "backend": keras.backend.backend()}
-    done_marker = model_dir / "done.json"
-    if model_dir.exists() and not overwrite and done_marker.is_file():
-        saved = json.loads((model_dir / "config.json").read_text())
-        if _same_run(saved, full_cfg):
-            from covidlib.models import load_model
-
-            return TrainResult(model_dir, classes, pd.read_csv(model_dir / "history.csv"),
-                               load_model(model_dir / "model.keras"), skipped=True)
-    in_progress = (model_dir / "backup").exists() and not overwrite
-    if in_progress:
-        saved_cfg = model_dir / "config.json"
-        if not saved_cfg.is_file() or not _same_run(json.loads(saved_cfg.read_text()), full_cfg):
-            in_progress = False
-    if not in_progress and model_dir.exists():
-        shutil.rmtree(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(model_dir / "config.json", json.dumps(full_cfg, indent=2, default=str))
-    atomic_write_text(model_dir / "labels.json", json.dumps(classes))
+    in_progress, finished = _open_model_dir(model_dir, full_cfg, classes, overwrite)
+    if finished is not None:
+        return finished
 
     store = build_store(rows, cfg.img_size, cache_dir or (run_dir / "cache"))
     tr, va = store.split_indices("train"), store.split_indices("val")
@@ -520,61 +721,26 @@ def train(
     val_loader = ArrayLoader(store.images, y_va, len(classes), cfg.batch_size, rows=va)
     cw = class_weights(y_tr, len(classes)) if cfg.imbalance == "class_weight" else None
 
-    gpu = gpu_available()
-    mixed, jit = _policy(cfg, gpu)
+    mixed, jit = _policy(cfg, gpu_available())
     previous_policy = keras.mixed_precision.global_policy().name
     if mixed:
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         set_seed(cfg.seed)
-        pretrained = cfg.weights is not None
         model = build_model(cfg.backbone, len(classes), cfg.img_size, weights=cfg.weights,
                             head=cfg.head, dropout=cfg.dropout, augment=cfg.augment,
                             seed=cfg.seed, bn_momentum=cfg.bn_momentum)
-        phase1_weights = model_dir / "phase1.weights.h5"
-        if pretrained:
-            set_backbone_trainable(model, False)
-        if not (pretrained and phase1_weights.is_file()):
-            _compile(model, cfg.learning_rate, len(classes), jit)
-            model.fit(train_loader, validation_data=val_loader, epochs=cfg.epochs,
-                      class_weight=cw, verbose=verbose,
-                      callbacks=_callbacks(model_dir, cfg, "phase1", extra_callbacks))
-            if pretrained and cfg.fine_tune_epochs > 0:
-                model.save_weights(phase1_weights)
-        else:
-            model.load_weights(phase1_weights)
-        if pretrained and cfg.fine_tune_epochs > 0:
-            top_n = None if cfg.unfreeze == "all" else int(cfg.unfreeze)
-            set_backbone_trainable(model, True, top_n=top_n)
-            _compile(model, cfg.fine_tune_lr, len(classes), jit)  # trainable flags take effect
-            done_epochs = len(pd.read_csv(model_dir / "history.csv"))
-            model.fit(train_loader, validation_data=val_loader,
-                      initial_epoch=min(done_epochs, cfg.epochs),
-                      epochs=cfg.epochs + cfg.fine_tune_epochs, class_weight=cw, verbose=verbose,
-                      callbacks=_callbacks(model_dir, cfg, "phase2", extra_callbacks))
+        job = _Fitting(model, train_loader, val_loader, cw, len(classes), jit, verbose, extra_callbacks)
+        phase_epochs = _fit_phases(job, model_dir, cfg)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
-    best = model_dir / BEST_WEIGHTS
-    if best.is_file():
-        load_best_weights(model, best)
-    final = model
-    save_model_atomic(final, model_dir / "model.keras")
-    for split in ("val", "test"):
-        preds = predict_store(final, store, store.split_indices(split), classes)
-        atomic_write_text(model_dir / f"predictions_{split}.csv", preds.to_csv(index=False))
-        if split == "val" and len(preds) and prediction_collapse(
-                preds[[f"p_{c}" for c in classes]].to_numpy()):
-            warnings.warn(
-                f"{cfg.run_name()}: every validation image gets the same prediction - the model "
-                "collapsed to one class. Train longer, lower bn_momentum, or use pretrained weights.",
-                UserWarning, stacklevel=2)
-    if phase1_weights.is_file():
-        phase1_weights.unlink()
+    _save_outputs(model, model_dir, store, classes, cfg)
     history = pd.read_csv(model_dir / "history.csv")
-    atomic_write_text(done_marker, json.dumps({"epochs_run": len(history)}))
+    atomic_write_text(model_dir / "done.json",
+                      json.dumps({"epochs_run": len(history), "phase_epochs": phase_epochs}))
     shutil.rmtree(model_dir / "backup", ignore_errors=True)  # a finished run resumes nothing
-    return TrainResult(model_dir, classes, history, final, resumed=in_progress)
+    return TrainResult(model_dir, classes, history, model, resumed=in_progress)
 
 
 def _same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:

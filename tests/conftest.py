@@ -83,3 +83,51 @@ def installed_wheel(built_wheel, tmp_path_factory) -> Path:
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return target
+
+
+@pytest.fixture(scope="session")
+def kill_after():
+    """``kill_after(n)``: a Keras callback that raises ``KeyboardInterrupt`` after ``n`` training
+    batches, counted over every ``fit`` it is given to (simulates a killed run)."""
+    import keras  # here, not at import: most test modules must not load Keras
+
+    class KillAfter(keras.callbacks.Callback):
+        def __init__(self, n_batches: int) -> None:
+            super().__init__()
+            self.n = n_batches
+            self.seen = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.seen += 1
+            if self.seen >= self.n:
+                raise KeyboardInterrupt(f"simulated kill after {self.seen} batches")
+
+    return KillAfter
+
+
+@pytest.fixture(scope="session")
+def eager_training():
+    """``with eager_training():`` covidlib.train compiles its models with ``run_eagerly=True``.
+
+    For tests that fit a handful of steps: tracing the train / test functions (again after every
+    recompile, e.g. phase 2) costs more than running those steps eagerly."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def eager():
+        from covidlib import train
+
+        compile_ = train._compile
+
+        def compile_eagerly(model, *args, **kwargs):
+            compile_(model, *args, **kwargs)
+            model.run_eagerly = True
+
+        patch = pytest.MonkeyPatch()
+        patch.setattr(train, "_compile", compile_eagerly)
+        try:
+            yield
+        finally:
+            patch.undo()
+
+    return eager

@@ -104,6 +104,9 @@ def test_train_writes_a_complete_run(finished_run, tiny_ct_manifest_session):
     hist = pd.read_csv(d / "history.csv")
     assert len(hist) == 2 and {"loss", "val_loss", "val_auc"} <= set(hist.columns)
     assert list(hist["epoch"]) == [0, 1]
+    assert list(hist["phase"]) == [1, 1]  # from scratch: one phase
+    done = json.loads((d / "done.json").read_text())
+    assert done == {"epochs_run": 2, "phase_epochs": {"1": 2, "2": 0}}
     man = tiny_ct_manifest_session
     for split in ("val", "test"):
         pred = pd.read_csv(d / f"predictions_{split}.csv", dtype={"patient_id": str})
@@ -186,26 +189,82 @@ class _BatchCounter(keras.callbacks.Callback):
         self.batches += 1
 
 
-def test_killed_run_resumes_to_the_planned_epochs(tiny_ct_manifest, tmp_path):
-    cfg = _cfg(augment=False)
+def test_killed_run_resumes_to_the_planned_epochs(finished_run, tiny_ct_manifest_session, tmp_path,
+                                                 kill_after):
+    cfg = _cfg()  # the finished run's configuration: augmentation and dropout on
     # 18 training images / batch 9 = 2 batches per epoch: the 3rd batch is in epoch 2.
     with pytest.raises(KeyboardInterrupt):
-        train.train(tiny_ct_manifest, tmp_path, cfg, verbose=0,
-                    extra_callbacks=[train._KillAfter(3)])
+        train.train(tiny_ct_manifest_session, tmp_path, cfg, verbose=0,
+                    extra_callbacks=[kill_after(3)])
     d = tmp_path / "models" / "SmallCNN"
     assert len(pd.read_csv(d / "history.csv")) == 1
+    assert train.read_backup(d / "backup" / "phase1")["epoch"] == 1
     assert not (d / "done.json").exists() and not (d / "model.keras").exists()
     counter = _BatchCounter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = train.train(tiny_ct_manifest, tmp_path, cfg, verbose=0, extra_callbacks=[counter])
+        result = train.train(tiny_ct_manifest_session, tmp_path, cfg, verbose=0,
+                             extra_callbacks=[counter])
     assert result.resumed and not result.skipped
     assert counter.batches == 2  # only epoch 2 was trained again
     hist = pd.read_csv(d / "history.csv")
     assert len(hist) == cfg.epochs
-    assert list(hist["epoch"]) == [0, 1]
+    assert list(hist["epoch"]) == [0, 1] and list(hist["phase"]) == [1, 1]
     assert (d / "model.keras").is_file() and (d / "done.json").is_file()
     assert not (d / "backup").exists()  # nothing left to resume
+    # Weights, optimizer state (Adam moments and step), random-generator states (augmentation,
+    # dropout), the shuffling order and the callbacks' counters came back: the resumed run trained
+    # exactly as the uninterrupted one did.
+    ref = pd.read_csv(finished_run[1].model_dir / "history.csv")
+    for col in ("loss", "val_loss", "val_auc", "learning_rate"):
+        np.testing.assert_array_equal(hist[col].to_numpy(), ref[col].to_numpy(), err_msg=col)
+    ref_pred = pd.read_csv(finished_run[1].model_dir / "predictions_test.csv")
+    np.testing.assert_array_equal(_probs(pd.read_csv(d / "predictions_test.csv")), _probs(ref_pred))
+
+
+def _back_up_every_epoch(monkeypatch) -> None:
+    init = train.BudgetedBackupAndRestore.__init__
+
+    def every_epoch(self, backup_dir, budget=0.02, **kw):
+        init(self, backup_dir, budget=1e9, **kw)
+
+    monkeypatch.setattr(train.BudgetedBackupAndRestore, "__init__", every_epoch)
+
+
+@pytest.mark.parametrize("kill_at", [5, 7])
+def test_a_kill_keeps_the_early_stopping_decision_and_the_fine_tune_epochs(
+        tiny_ct_manifest, tmp_path, monkeypatch, kill_after, eager_training, kill_at):
+    """Pretrained two-phase run: phase 1 stops early at the same epoch whether or not a kill
+    interrupted it, and phase 2 then runs exactly ``fine_tune_epochs``."""
+    weights = tmp_path / "smallcnn.weights.h5"
+    models.build_backbone("SmallCNN", S).save_weights(weights)
+    _back_up_every_epoch(monkeypatch)
+    # Learning rate 0 in phase 1: the validation AUC cannot beat epoch 0's, so patience 2 stops
+    # phase 1 after its epoch 2 (3 of 6 epochs); phase 2 is epochs 3 and 4.
+    cfg = _cfg(augment=False, weights=str(weights), epochs=6, patience=2, learning_rate=0.0,
+               fine_tune_epochs=2, fine_tune_lr=1e-3, unfreeze=3)
+    # 2 batches an epoch. Batch 5 is in epoch 2 (early stopping has waited 1 epoch, the fresh
+    # callback of a resume would wait 2 more); batch 7 is phase 2's first.
+    with eager_training(), pytest.raises(KeyboardInterrupt):
+        train.train(tiny_ct_manifest, tmp_path, cfg, verbose=0, extra_callbacks=[kill_after(kill_at)])
+    d = tmp_path / "models" / "SmallCNN"
+    state = train.read_backup(d / "backup" / "phase1")
+    if kill_at == 5:
+        assert state["epoch"] == 2 and not state["finished"]
+        assert state["callbacks"]["EarlyStopping"]["wait"] == 1
+    else:
+        assert state["epoch"] == 3 and state["finished"]
+        assert list(pd.read_csv(d / "history.csv")["phase"]) == [1, 1, 1]
+    counter = _BatchCounter()
+    with eager_training(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train.train(tiny_ct_manifest, tmp_path, cfg, verbose=0, extra_callbacks=[counter])
+    hist = pd.read_csv(d / "history.csv")
+    assert list(hist["phase"]) == [1, 1, 1, 2, 2]
+    assert list(hist["epoch"]) == [0, 1, 2, 3, 4]
+    assert counter.batches == (2 if kill_at == 5 else 0) + 2 * 2
+    assert json.loads((d / "done.json").read_text())["phase_epochs"] == {"1": 3, "2": 2}
+    assert result.resumed
 
 
 def test_same_seed_gives_identical_predictions(finished_run, tiny_ct_manifest_session, tmp_path):
@@ -238,30 +297,32 @@ def test_train_rejects_bad_input(tiny_ct_manifest, tmp_path):
         train.train(one_class, tmp_path, _cfg(), verbose=0)
 
 
-def test_budgeted_backups_resume_without_duplicate_epochs(tiny_ct_manifest, tmp_path, monkeypatch):
+def test_budgeted_backups_resume_without_duplicate_epochs(tiny_ct_manifest, tmp_path, monkeypatch,
+                                                          kill_after, eager_training):
     """Backups skipped to save time: a resume re-runs the unsaved epochs and logs each once."""
     init = train.BudgetedBackupAndRestore.__init__
 
-    def tiny_budget(self, backup_dir, budget=0.05, **kw):
+    def tiny_budget(self, backup_dir, budget=0.02, **kw):
         init(self, backup_dir, budget=1e-12, **kw)  # only the first epoch is ever backed up
 
     monkeypatch.setattr(train.BudgetedBackupAndRestore, "__init__", tiny_budget)
     cfg = _cfg(augment=False, epochs=4, patience=100)
     # 2 batches per epoch: the 7th batch is in epoch 3, after epochs 0-2 were logged.
-    with pytest.raises(KeyboardInterrupt):
-        train.train(tiny_ct_manifest, tmp_path, cfg, verbose=0, extra_callbacks=[train._KillAfter(7)])
+    with eager_training(), pytest.raises(KeyboardInterrupt):
+        train.train(tiny_ct_manifest, tmp_path, cfg, verbose=0, extra_callbacks=[kill_after(7)])
     d = tmp_path / "models" / "SmallCNN"
     assert len(pd.read_csv(d / "history.csv")) == 3
-    assert train._restored_epoch(d / "backup" / "phase1") == 1
+    assert train.read_backup(d / "backup" / "phase1")["epoch"] == 1
     # the best weights went to disk with the (only) backup, so they belong to the kept history
     assert (d / train.BEST_WEIGHTS).is_file()
     counter = _BatchCounter()
-    with warnings.catch_warnings():
+    with eager_training(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = train.train(tiny_ct_manifest, tmp_path, cfg, verbose=0, extra_callbacks=[counter])
     assert result.resumed
     assert counter.batches == 6  # epochs 1, 2, 3 trained (again)
-    assert list(pd.read_csv(d / "history.csv")["epoch"]) == [0, 1, 2, 3]
+    hist = pd.read_csv(d / "history.csv")
+    assert list(hist["epoch"]) == [0, 1, 2, 3] and list(hist["phase"]) == [1, 1, 1, 1]
 
 
 def test_best_weights_keeps_the_best_epoch_and_writes_only_on_flush(tmp_path):
@@ -324,14 +385,14 @@ def test_backup_budget_counts_training_time_only(tmp_path, monkeypatch):
 
     clock = Clock()
     monkeypatch.setattr(train, "time", clock)
-    cb = train.BudgetedBackupAndRestore(str(tmp_path / "b"), budget=0.05)
+    cb = train.BudgetedBackupAndRestore(tmp_path / "b", budget=0.05)
     saved = []
 
-    def fake_save():
-        saved.append(cb._current_epoch - 1)
+    def fake_save(finished=False):
+        saved.append(cb.completed - 1)
         clock.t += 0.09  # each backup costs 0.09 s: at 5 % it needs 1.8 s of training in between
 
-    cb._save_model = fake_save
+    cb.save = fake_save
     for epoch in range(7):
         cb.on_epoch_begin(epoch)
         clock.t += 1.0  # one second of training
@@ -340,18 +401,66 @@ def test_backup_budget_counts_training_time_only(tmp_path, monkeypatch):
     assert saved == [0, 2, 4, 6]
 
 
+@pytest.mark.parametrize("phase", ["phase1", "phase2"])
 @pytest.mark.parametrize("tensorboard", [False, True])
-def test_callbacks_keep_keras_asynchronous_step_dispatch(tmp_path, tensorboard):
+def test_callbacks_keep_keras_asynchronous_step_dispatch(tmp_path, tensorboard, phase):
     # A callback with a batch-end hook makes Keras fetch every step's logs to the host (a device
     # sync per step): on a GPU the loader then stops overlapping the compute. Ours use epoch hooks.
     import keras
     from keras.src import utils as kutils
 
     cfg = _cfg(tensorboard=tensorboard)
-    cbs = train._callbacks(tmp_path / "m", cfg, "phase1", None)
+    cbs = train._callbacks(tmp_path / "m", cfg, phase, None)
+    # phase 2 runs exactly fine_tune_epochs: early stopping belongs to phase 1 only
+    stops = [cb for cb in cbs if isinstance(cb, keras.callbacks.EarlyStopping)]
+    assert len(stops) == (phase == "phase1")
     for cb in cbs:
         for hook in ("on_batch_end", "on_train_batch_end", "on_test_batch_end"):
             assert kutils.is_default(getattr(type(cb), hook)), f"{type(cb).__name__}.{hook} is overridden"
     if keras.src.backend.IS_THREAD_SAFE:
         cl = keras.callbacks.CallbackList(cbs, add_history=True, add_progbar=False)
         assert cl._async_train and cl._async_test
+
+
+def test_backup_restores_weights_optimizer_and_random_state(tmp_path):
+    """A backup is public-API files (``ckpt.weights.h5`` + ``state.json``) that bring back the
+    weights, Adam's moments and step count, and the dropout generator's state."""
+
+    def model_and_data():
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((4,))
+        out = keras.layers.Dense(3, activation="softmax")(keras.layers.Dropout(0.5)(inp))
+        model = keras.Model(inp, out)
+        model.compile(keras.optimizers.Adam(0.01), "categorical_crossentropy")
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(8, 4)).astype("float32")
+        return model, x, np.eye(3, dtype="float32")[rng.integers(0, 3, 8)]
+
+    model, x, y = model_and_data()
+    cb = train.BudgetedBackupAndRestore(tmp_path / "b", budget=1e9)
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0, shuffle=False, callbacks=[cb])
+    cb.finish()
+    state = train.read_backup(tmp_path / "b")
+    assert state["epoch"] == 2 and state["finished"] and len(state["rng"]) == 1
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["ckpt.weights.h5", "state.json"]
+    model.fit(x, y, batch_size=4, initial_epoch=2, epochs=3, verbose=0, shuffle=False)
+
+    fresh, _, _ = model_and_data()
+    train._restore(fresh, tmp_path / "b", state)
+    assert int(fresh.optimizer.iterations.numpy()) == 4
+    fresh.fit(x, y, batch_size=4, initial_epoch=2, epochs=3, verbose=0, shuffle=False)
+    for a, b in zip(fresh.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(fresh.optimizer.variables, model.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_train_and_models_use_only_public_keras_api():
+    """Issue #12: no private attribute, no BackupAndRestore internals (they change between releases)."""
+    import re
+    from pathlib import Path
+
+    for mod in (train, models):
+        src = Path(mod.__file__).read_text()
+        assert not re.findall(r"\._[a-z]\w*", src), mod.__name__
+        assert "training_metadata" not in src and "keras.src" not in src, mod.__name__

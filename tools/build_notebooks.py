@@ -188,14 +188,14 @@ MODALITY = "ct"              # ct | xray
 ENHANCEMENT = "crop+wb+clahe"
 IMG_SIZE = 64
 EPOCHS = 8
-FINE_TUNE_EPOCHS = 0         # with pretrained WEIGHTS: epochs after unfreezing the backbone
+FINE_TUNE_EPOCHS = 0         # with pretrained WEIGHTS: exactly this many epochs after phase 1 ends
 BATCH_SIZE = 32
 WEIGHTS = None               # imagenet for real runs (downloaded once), None (from scratch), or a weights-file path
 HEAD = "gap"                 # gap | gap_dense256
 LEARNING_RATE = 0.001
 FINE_TUNE_LR = 1e-05         # learning rate after unfreezing (10-100x lower than LEARNING_RATE)
-UNFREEZE = "all"             # all, or how many top backbone layers to unfreeze (a positive integer)
-PATIENCE = 5                 # early stopping: epochs without a better validation AUC
+UNFREEZE = "all"             # all, or how many top backbone layers to unfreeze (1 to the backbone layer count)
+PATIENCE = 5                 # early stopping of phase 1 only: epochs without a better validation AUC
 IMBALANCE = "class_weight"   # class_weight | balanced_sampling | none
 SEED = 0
 '''),
