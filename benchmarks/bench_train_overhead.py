@@ -21,7 +21,7 @@ a multiple of the batch so no step is partial), it times:
   block, to split the overhead.
 
 Both compile the same way (``train._compile``: Adam, categorical cross-entropy, accuracy and
-multi-label AUC, XLA as ``train`` would choose it) under ``train.set_seed`` (TensorFlow op
+multi-label AUC, XLA as ``train`` would choose it) under ``config.seed_everything`` (TensorFlow op
 determinism is process-wide). Each variant runs one warm-up epoch (graph tracing, excluded)
 and ``--epochs`` timed epochs, the variants alternating epoch by epoch (see :class:`Fit`). An
 epoch is timed from the first callback's ``on_epoch_begin`` to the last callback's
@@ -243,7 +243,7 @@ def run_backbone(backbone: str, variants: list[str], store, tr, va, classes, arg
 
     # covidlib's seeding (TensorFlow op determinism on) applies to the whole process, so both
     # variants run under it.
-    T.set_seed(0)
+    config.seed_everything(0, deterministic_ops=True)
     fits = [Fit(v, backbone, store, tr, va, classes, args, work) for v in variants]
     for f in fits:  # warm-up epoch: tracing, first-call graph optimisation
         f.epoch(0)
@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         "train steps of the same (back-to-back) epoch; the ratio of the two medians is shown too.\n"
         f"- 1 warm-up epoch (tracing) + {args.epochs} timed epochs per variant, the variants "
         "alternating epoch by epoch (one `fit(initial_epoch=e, epochs=e + 1)` call each); "
-        "medians. Both run under `covidlib.train.set_seed` (TensorFlow op determinism is "
+        "medians. Both run under `covidlib.config.seed_everything` (TensorFlow op determinism is "
         "process-wide) and the same `train._compile`.\n"
         "- Process CPU time (all threads of the benchmark process) is less sensitive than wall "
         "time to other jobs on the machine; its ratio is a cross-check of the wall-time ratio.\n"

@@ -42,6 +42,7 @@ import numpy as np
 from covidlib.fsutil import atomic_write_text
 
 from covidlib import config
+from covidlib.evaluate import to_jsonable
 
 __all__ = [
     "DEFAULT_NEAR_DUP_THRESHOLD",
@@ -391,35 +392,6 @@ def _name_pattern(path: str, label: str) -> str:
         if len(token) >= 3:
             stem = stem.replace(token, "{label}")
     return re.sub(r"\d+", "#", stem)
-
-
-def _jsonable(obj: Any) -> Any:
-    """Convert numpy / pandas / Path values so ``json.dumps`` accepts the report."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.bool_, bool)):
-        return bool(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return None if math.isnan(f) or math.isinf(f) else f
-    if isinstance(obj, (str, int)) or obj is None:
-        return obj
-    if isinstance(obj, os.PathLike):
-        return str(obj)
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    try:
-        import pandas as pd
-
-        if obj is pd.NA or obj is pd.NaT:
-            return None
-    except ImportError:  # pragma: no cover
-        pass
-    return str(obj)
 
 
 def _fit_predict(x_tr, y_tr, x_te, categorical: bool) -> np.ndarray:
@@ -984,7 +956,7 @@ def audit_manifest(
         },
         "elapsed_s": round(time.perf_counter() - t0, 2),
     }
-    return _jsonable(report)
+    return to_jsonable(report)
 
 
 def write_audit(report: dict, path: str | os.PathLike) -> Path:
@@ -993,7 +965,7 @@ def write_audit(report: dict, path: str | os.PathLike) -> Path:
     Returns:
         The path written.
     """
-    text = json.dumps(_jsonable(report), indent=2, allow_nan=False)
+    text = json.dumps(to_jsonable(report), indent=2, allow_nan=False)
     return atomic_write_text(path, text + "\n")
 
 

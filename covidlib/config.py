@@ -8,6 +8,7 @@ else ``./data`` and ``./reports`` of the current working folder; downloads are c
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -79,14 +80,28 @@ def display_name(label: str) -> str:
     return DISPLAY_NAMES.get(label, label)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python and NumPy (and Keras when it is already imported) for a reproducible notebook."""
+def seed_everything(seed: int, *, deterministic_ops: bool = False) -> None:
+    """Seed Python, NumPy and (when it is imported) Keras' backend: the one seeding function.
+
+    Args:
+        seed: the seed.
+        deterministic_ops: also make TensorFlow's ops deterministic (process-wide; training
+            sets it so a resumed run repeats an uninterrupted one).
+    """
     import random
-    import sys
 
     import numpy as np
 
     random.seed(seed)
     np.random.seed(seed)
-    if "keras" in sys.modules:
-        sys.modules["keras"].utils.set_random_seed(seed)
+    keras = sys.modules.get("keras")
+    if keras is None:
+        return
+    keras.utils.set_random_seed(int(seed))
+    if deterministic_ops and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        try:
+            tf.config.experimental.enable_op_determinism()
+        except Exception:  # noqa: BLE001 - older TF: best effort
+            pass

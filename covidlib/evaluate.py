@@ -29,6 +29,8 @@ image was drawn), which makes every metric a vectorised weighted computation.
 """
 from __future__ import annotations
 
+import os
+
 import math
 from typing import Any, Iterator, Sequence
 
@@ -719,10 +721,11 @@ def _patient_ids(df: pd.DataFrame) -> np.ndarray | None:
 
 
 def to_jsonable(obj: Any) -> Any:
-    """Recursively convert numpy scalars/arrays to plain Python; NaN/inf become ``None``."""
+    """Plain-Python copy of a report for ``json.dumps``: numpy scalars / arrays, paths, sets and
+    pandas' missing values converted; NaN / inf become ``None``; anything else its ``str``."""
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
+    if isinstance(obj, (list, tuple, set)):
         return [to_jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
         return [to_jsonable(v) for v in obj.tolist()]
@@ -732,7 +735,13 @@ def to_jsonable(obj: Any) -> Any:
         return int(obj)
     if isinstance(obj, (float, np.floating)):
         return _nan_to_none(float(obj))
-    return obj
+    if obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if obj is pd.NA or obj is pd.NaT:
+        return None
+    return str(obj)
 
 
 def evaluate_predictions(

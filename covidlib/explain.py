@@ -26,6 +26,8 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from covidlib.io import to_uint8
+
 __all__ = [
     "grad_cam",
     "ensemble_grad_cam",
@@ -392,9 +394,7 @@ def _gray_uint8(image: Any) -> np.ndarray:
     lo, hi = float(img.min()), float(img.max())
     if lo >= 0.0 and hi <= 255.0 and hi > 1.0:
         return np.round(img).astype(np.uint8)  # already on a 0..255 scale (float model input)
-    if hi - lo < 1e-12:
-        return np.zeros(img.shape, np.uint8)
-    return np.round((img - lo) / (hi - lo) * 255.0).astype(np.uint8)
+    return to_uint8(img)
 
 
 def overlay_heatmap(

@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from covidlib import config
+from covidlib.io import to_uint8
 from covidlib.fsutil import atomic_write_bytes
 
 __all__ = [
@@ -99,20 +100,9 @@ def _class_color(label: str, i: int) -> str:
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:
-    """Display copy of an image as uint8 (uint8 unchanged, others scaled by their range)."""
+    """Display copy of an image as uint8 (one channel dropped; see :func:`covidlib.io.to_uint8`)."""
     img = np.asarray(img)
-    if img.ndim == 3 and img.shape[-1] == 1:
-        img = img[..., 0]
-    if img.dtype == np.uint8:
-        return img
-    f = img.astype(np.float64)
-    finite = np.isfinite(f)
-    if not finite.any():
-        return np.zeros(img.shape, np.uint8)
-    lo, hi = float(f[finite].min()), float(f[finite].max())
-    if hi - lo < 1e-12:
-        return np.zeros(img.shape, np.uint8)
-    return np.round(np.clip((np.where(finite, f, lo) - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+    return to_uint8(img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img)
 
 
 def _show_gray(ax, img: np.ndarray) -> None:
@@ -550,25 +540,12 @@ def plot_roc_curves(
 
 
 def _reliability(y: np.ndarray, p: np.ndarray, n_bins: int) -> tuple[dict[str, np.ndarray], float]:
-    """Top-label reliability bins and ECE, from covidlib.evaluate when it is there."""
-    try:
-        from covidlib.evaluate import expected_calibration_error, reliability_curve
-    except ImportError:
-        expected_calibration_error = reliability_curve = None
-    if reliability_curve is not None:
-        curve = reliability_curve(y, p, n_bins=n_bins)
-        curve = {k: np.asarray(curve[k], dtype=np.float64) for k in ("bin_confidence", "bin_accuracy", "bin_count")}
-        return curve, float(expected_calibration_error(y, p, n_bins=n_bins))
-    # Fallback, same definition (equal-width bins on the top-label confidence), only while
-    # covidlib.evaluate is missing.
-    conf, correct = p.max(axis=1), (p.argmax(axis=1) == y).astype(float)
-    b = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
-    count = np.bincount(b, minlength=n_bins).astype(float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        bc = np.bincount(b, weights=conf, minlength=n_bins) / count
-        ba = np.bincount(b, weights=correct, minlength=n_bins) / count
-    ece = float(np.nansum(count / count.sum() * np.abs(ba - bc)))
-    return {"bin_confidence": bc, "bin_accuracy": ba, "bin_count": count}, ece
+    """Top-label reliability bins and ECE (covidlib.evaluate's definition)."""
+    from covidlib.evaluate import expected_calibration_error, reliability_curve
+
+    curve = reliability_curve(y, p, n_bins=n_bins)
+    curve = {k: np.asarray(curve[k], dtype=np.float64) for k in ("bin_confidence", "bin_accuracy", "bin_count")}
+    return curve, float(expected_calibration_error(y, p, n_bins=n_bins))
 
 
 def plot_reliability_diagram(
@@ -762,7 +739,7 @@ def plot_ablation(
     panels = [(column, f"{metric}_lo", f"{metric}_hi", f"{metric} (95% CI)")]
     if paired:
         panels.append((f"{metric}_diff_vs_none", f"{metric}_diff_lo", f"{metric}_diff_hi",
-                       f"paired difference to none (95% CI)"))
+                       "paired difference to none (95% CI)"))
     for ax, (col, lo_name, hi_name, title) in zip(axes[0], panels):
         vals, lo, hi = _col(col), _col(lo_name), _col(hi_name)
         err = np.vstack([np.where(np.isfinite(lo), vals - lo, 0.0),

@@ -89,13 +89,18 @@ class _Members:
 
 def _output_figures(fig_dir: Path, key: str, title: str, y: np.ndarray, values: np.ndarray,
                     classes: list[str], block: dict, figures: dict[str, Path]) -> None:
-    """Confusion matrix and ROC of one output, and its reliability diagram if it is a probability."""
+    """Confusion matrix and ROC of one output."""
     figures[f"cm_{key}"] = fig_dir / f"confusion_{key}.png"
     plots.plot_confusion_matrices(np.array(block["confusion_matrix"]), classes, figures[f"cm_{key}"],
                                   title=title)
     figures[f"roc_{key}"] = fig_dir / f"roc_{key}.png"
     plots.plot_roc_curves(y, values, classes, figures[f"roc_{key}"],
                           auc_ci=block["ci95_auc_per_class"], title=title)
+
+
+def _reliability_figure(fig_dir: Path, key: str, title: str, y: np.ndarray, values: np.ndarray,
+                        block: dict, figures: dict[str, Path]) -> None:
+    """The reliability diagram of one output, only if it is a probability."""
     rel = fig_dir / f"reliability_{key}.png"
     cal = block["calibration"]
     if not cal.get("applicable", True):
@@ -109,43 +114,202 @@ def _output_figures(fig_dir: Path, key: str, title: str, y: np.ndarray, values: 
         title=title)
 
 
-def _evaluate_members(run_dir: Path, backbones: list[str], n_boot: int, seed: int,
-                      figures: dict[str, Path]) -> _Members:
-    """Each CT backbone's metrics block (uncalibrated softmax probabilities) and figures."""
-    blocks: dict[str, Any] = {}
+def load_members(run_dir: str | os.PathLike, backbones: Sequence[str]) -> _Members:
+    """The CT backbones' saved val / test predictions, rows aligned by image path."""
     val_probs, test_probs = [], []
     classes: list[str] | None = None
     base_val = base_test = None
     for name in backbones:
-        cls, val, test = load_predictions(run_dir / "models" / name)
+        cls, val, test = load_predictions(Path(run_dir) / "models" / name)
         if classes is None:
             classes, base_val, base_test = cls, val, test
         elif cls != classes:
             raise ValueError(f"{name} was trained on classes {cls}, others on {classes}")
-        # Align rows by image path: every run predicts the same split of the same manifest.
+        # Every run predicts the same split of the same manifest, possibly in another order.
         test = test.set_index("path").loc[base_test["path"]].reset_index()
         val = val.set_index("path").loc[base_val["path"]].reset_index()
-        blocks[name] = evaluate.evaluate_predictions(test, classes, val, n_boot=n_boot, seed=seed)
         val_probs.append(_probs(val, classes))
         test_probs.append(_probs(test, classes))
-        y_t, p_t = evaluate.predictions_to_arrays(test, classes)
-        _output_figures(run_dir / "figures", name, name, y_t, p_t, classes, blocks[name], figures)
-    assert classes is not None and base_test is not None and base_val is not None
-    return _Members(classes, base_val, base_test, val_probs, test_probs, blocks)
+    if classes is None:
+        raise ValueError("BACKBONES is empty: nothing to evaluate")
+    return _Members(classes, base_val, base_test, val_probs, test_probs, {})
 
 
-def _evaluate_vote(run_dir: Path, members: _Members, method: str, weights: list[float] | None,
-                   n_boot: int, seed: int, figures: dict[str, Path]
-                   ) -> tuple[dict, pd.DataFrame, np.ndarray, np.ndarray]:
-    """The vote's metrics block, ``predictions_test_vote.csv`` and figures.
+def metrics_table(blocks: dict[str, dict]) -> pd.DataFrame:
+    """One row per output: accuracy, macro F1 and macro AUC with 95% CIs, ECE, output kind."""
+    rows = []
+    for name, b in blocks.items():
+        ci = b.get("ci95") or {}
+        cal = b.get("calibration") or {}
+        rows.append({"model": name, "output": b.get("output", "probability"),
+                     **{k: b.get(k) for k in ("accuracy", "f1_macro", "auc_macro")},
+                     **{f"{k}_ci95": ci.get(k) for k in ("accuracy", "auc_macro")},
+                     "ece": cal.get("ece") if cal.get("applicable", True) else None})
+    return pd.DataFrame(rows)
 
-    Returns:
-        ``(block, vote_test, y_test, vote_output)``; the output is a score for the hard vote.
+
+@dataclass
+class RunReport:
+    """Notebook 04, step by step: each method is one cell and adds to ``evaluation`` / ``figures``.
+
+    Order: :meth:`member_metrics` -> :meth:`vote` -> :meth:`two_phase` -> :meth:`calibration`
+    -> :meth:`figures_and_grid` -> :meth:`gradcam` -> (:meth:`external`) -> :meth:`write`.
+    :func:`evaluate_run` runs them all (``covidlib evaluate``).
     """
-    classes, names = members.classes, list(members.blocks)
+
+    run_dir: Path
+    backbones: list[str]
+    vote_method: str = "hard"
+    n_boot: int = 1000
+    seed: int = 0
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, Path] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.backbones = list(self.backbones)
+        if self.vote_method not in ensemble.METHODS:
+            raise ValueError(f"VOTE must be one of {list(ensemble.METHODS)}, got {self.vote_method!r}")
+        self.members = load_members(self.run_dir, self.backbones)
+        self.classes = self.members.classes
+        self.weights: list[float] | None = None
+        self.vote_test: pd.DataFrame | None = None
+        self.evaluation.update({"dataset": _dataset_name(self.run_dir), "classes": self.classes,
+                                "n_test": int(len(self.members.base_test))})
+
+    @property
+    def fig_dir(self) -> Path:
+        return self.run_dir / "figures"
+
+    def member_metrics(self) -> pd.DataFrame:
+        """Each backbone on the test split (uncalibrated softmax probabilities, patient CIs)."""
+        m = self.members
+        for name, val_p, test_p in zip(self.backbones, m.val_probs, m.test_probs):
+            m.blocks[name] = evaluate.evaluate_predictions(
+                _with_outputs(m.base_test, test_p, self.classes), self.classes,
+                _with_outputs(m.base_val, val_p, self.classes), n_boot=self.n_boot, seed=self.seed)
+        self.evaluation["models"] = m.blocks
+        return metrics_table(m.blocks)
+
+    def vote(self) -> pd.DataFrame:
+        """Stage 2: the vote's block and ``predictions_test_vote.csv`` (weights fitted on val)."""
+        m = self.members
+        if self.vote_method == "weighted":
+            y_val, _ = evaluate.predictions_to_arrays(m.base_val, self.classes)
+            self.weights = ensemble.fit_vote_weights(m.val_probs, y_val)
+        self.evaluation["ensemble"], self.vote_test = _evaluate_vote(
+            self.run_dir, m, self.backbones, self.vote_method, self.weights, self.n_boot, self.seed)
+        return metrics_table({f"{self.vote_method} vote": self.evaluation["ensemble"]})
+
+    def two_phase(self, xray_backbone: str | None, *, cohort: str | os.PathLike | None = None,
+                  threshold: float = 0.5, band: float = 0.15, flag_rate: float = 0.1) -> dict:
+        """Phase 1 (X-ray) routes patients to phase 2 (the CT vote); see :mod:`covidlib.cascade`."""
+        self.evaluation["two_phase"] = _two_phase(
+            self.run_dir, xray_backbone, self.classes, self._need_vote(), self.vote_method, cohort,
+            threshold, band, flag_rate, self.n_boot, self.seed, self.figures)
+        return self.evaluation["two_phase"]
+
+    def calibration(self) -> pd.DataFrame:
+        """ECE before / after temperature scaling and reliability diagrams, probabilities only."""
+        rows = []
+        for key, (title, y, values, block) in self._outputs().items():
+            _reliability_figure(self.fig_dir, key, title, y, values, block, self.figures)
+            cal = block["calibration"]
+            rows.append({"model": key, "output": block.get("output", "probability"),
+                         "ece": cal.get("ece"), "temperature": cal.get("temperature"),
+                         "ece_after_temperature": cal.get("ece_after_temperature"),
+                         "note": cal.get("reason") or cal.get("note")})
+        return pd.DataFrame(rows)
+
+    def figures_and_grid(self) -> dict[str, Path]:
+        """Confusion matrices and ROC curves of every output, and the vote's 5x5 test grid."""
+        for key, (title, y, values, block) in self._outputs().items():
+            _output_figures(self.fig_dir, key, title, y, values, self.classes, block, self.figures)
+        images = self._images()
+        if images is not None:
+            _, y, values, _ = self._outputs()["vote"]
+            self.figures["grid_vote"] = self.fig_dir / "test_grid_vote.png"
+            plots.plot_prediction_grid(images, y, values.argmax(axis=1), self.classes,
+                                       self.figures["grid_vote"], seed=self.seed)
+        return self.figures
+
+    def gradcam(self, n_images: int = 4) -> Path | None:
+        """Grad-CAM of every member and of the vote on ``n_images`` test images."""
+        images = self._images()
+        if not n_images or images is None:
+            return None
+        _, y, values, _ = self._outputs()["vote"]
+        self.figures["gradcam"] = self.fig_dir / "gradcam.png"
+        _gradcam_figure(self._models(), images, y, values, self.classes, n_images, self.seed,
+                        self.figures["gradcam"])
+        return self.figures["gradcam"]
+
+    def external(self, dataset: str | os.PathLike, patient_pattern: str | None = None) -> dict:
+        """The trained models and their vote, unchanged, on another data set."""
+        self.evaluation["external_validation"] = external_validation(
+            self.run_dir, dataset, self.backbones, vote=self.vote_method, weights=self.weights,
+            patient_pattern=patient_pattern, n_boot=self.n_boot, seed=self.seed, figures=self.figures)
+        return self.evaluation["external_validation"]
+
+    def write(self, save_ensemble: bool = True) -> RunEvaluation:
+        """``evaluation.json``, ``results.md`` and (optionally) the vote as one Keras model."""
+        if save_ensemble and len(self.members.base_test):
+            _save_ensemble(self.run_dir, self._models(), self.vote_method, self.weights,
+                           self.classes, self._img_size())
+        self.evaluation.setdefault("two_phase", {"skipped": True, "reason": "not evaluated"})
+        evaluation = evaluate.to_jsonable(self.evaluation)
+        atomic_write_text(self.run_dir / "evaluation.json", json.dumps(evaluation, indent=2))
+        atomic_write_text(self.run_dir / "results.md",
+                          results_markdown(evaluation, self.figures, self.run_dir))
+        return RunEvaluation(self.run_dir, evaluation, self.figures)
+
+    # -- shared pieces ---------------------------------------------------------------------------
+    def _need_vote(self) -> pd.DataFrame:
+        if self.vote_test is None:
+            raise RuntimeError("run the vote step first (RunReport.vote)")
+        return self.vote_test
+
+    def _outputs(self) -> dict[str, tuple[str, np.ndarray, np.ndarray, dict]]:
+        """Per output key: (title, y_test, values, metrics block); members then the vote."""
+        y, _ = evaluate.predictions_to_arrays(self.members.base_test, self.classes)
+        out = {name: (name, y, p, self.members.blocks[name])
+               for name, p in zip(self.backbones, self.members.test_probs)}
+        kind = ensemble.output_kind(self.vote_method)
+        values = self._need_vote()[[f"{ensemble.OUTPUT_PREFIX[kind]}{c}" for c in self.classes]]
+        title = f"{self.vote_method} vote" + (" (ranking score)" if kind == "score" else "")
+        out["vote"] = (title, y, values.to_numpy(dtype=float), self.evaluation["ensemble"])
+        return out
+
+    def _img_size(self) -> int:
+        cfg = self.run_dir / "models" / self.backbones[0] / "config.json"
+        return int(json.loads(cfg.read_text())["img_size"])
+
+    def _images(self) -> np.ndarray | None:
+        if not len(self.members.base_test):
+            return None
+        if not hasattr(self, "_test_images"):
+            from covidlib.data import read_resized
+
+            size = self._img_size()
+            self._test_images = np.stack([read_resized(p, size) for p in self.members.base_test["path"]])
+        return self._test_images
+
+    def _models(self) -> dict[str, Any]:
+        if not hasattr(self, "_loaded"):
+            from covidlib.train import load_run
+
+            self._loaded = {name: load_run(self.run_dir / "models" / name)[0] for name in self.backbones}
+        return self._loaded
+
+
+def _evaluate_vote(run_dir: Path, members: _Members, names: list[str], method: str,
+                   weights: list[float] | None, n_boot: int, seed: int) -> tuple[dict, pd.DataFrame]:
+    """The vote's metrics block and ``predictions_test_vote.csv``; a score for the hard vote."""
+    classes = members.classes
     kind = ensemble.output_kind(method)
     vote_val = _vote_table(members.base_val, members.val_probs, method, weights, classes)
     vote_test = _vote_table(members.base_test, members.test_probs, method, weights, classes)
+    n_members = len(members.test_probs)
     block = {"method": method, "members": names, "weights": weights,
              **evaluate.evaluate_predictions(vote_test, classes, vote_val, n_boot=n_boot, seed=seed,
                                              output=kind),
@@ -153,16 +317,12 @@ def _evaluate_vote(run_dir: Path, members: _Members, method: str, weights: list[
                             else ensemble.PROBABILITY_DEFINITION),
              "agreement": {
                  "mean": float(vote_test["agreement"].mean()) if len(vote_test) else None,
-                 "unanimous": float((vote_test["votes"] == len(names)).mean()) if len(vote_test) else None,
+                 "unanimous": float((vote_test["votes"] == n_members).mean()) if len(vote_test) else None,
                  "note": "votes: members whose own top class is the vote's; agreement: votes / members"}}
     if method == "hard":
         block["tie_break"] = "tied classes: highest mean probability across the models"
     atomic_write_text(run_dir / "predictions_test_vote.csv", vote_test.to_csv(index=False))
-    y_v, _ = evaluate.predictions_to_arrays(members.base_test, classes)
-    values = vote_test[[f"{ensemble.OUTPUT_PREFIX[kind]}{c}" for c in classes]].to_numpy(dtype=float)
-    title = f"{method} vote" + (" (ranking score)" if kind == "score" else "")
-    _output_figures(run_dir / "figures", "vote", title, y_v, values, classes, block, figures)
-    return block, vote_test, y_v, values
+    return block, vote_test
 
 
 def _save_ensemble(run_dir: Path, models: dict[str, Any], method: str,
@@ -215,7 +375,8 @@ def evaluate_run(
     external_dataset: str | os.PathLike | None = None,
     patient_pattern: str | None = None,
 ) -> RunEvaluation:
-    """Evaluate every CT backbone, their vote and the two-phase cascade of one run.
+    """Every step of :class:`RunReport` in order (``covidlib evaluate``; notebook 04 runs them
+    one cell each).
 
     ``backbones`` and ``xray_backbone`` have no library default: the defaults live in notebook 04's
     parameters (which ``covidlib evaluate`` reads), so the two entry points cannot disagree.
@@ -238,59 +399,17 @@ def evaluate_run(
             models and their vote on, every image of it; see :func:`external_validation`.
         patient_pattern: patient-id regex for ``external_dataset``.
     """
-    run_dir = Path(run_dir)
-    if vote not in ensemble.METHODS:
-        raise ValueError(f"VOTE must be one of {list(ensemble.METHODS)}, got {vote!r}")
-    backbones = list(backbones)
-    if not backbones:
-        raise ValueError("BACKBONES is empty: nothing to evaluate")
-    figures: dict[str, Path] = {}
-    members = _evaluate_members(run_dir, backbones, n_boot, seed, figures)
-    classes = members.classes
-    weights = None
-    if vote == "weighted":
-        y_val, _ = evaluate.predictions_to_arrays(members.base_val, classes)
-        weights = ensemble.fit_vote_weights(members.val_probs, y_val)
-    ens_block, vote_test, y_v, v_out = _evaluate_vote(run_dir, members, vote, weights, n_boot, seed,
-                                                      figures)
-
-    img_size = json.loads((run_dir / "models" / backbones[0] / "config.json").read_text())["img_size"]
-    from covidlib.data import read_resized
-
-    images = np.stack([read_resized(p, img_size) for p in vote_test["path"]]) if len(vote_test) else None
-    if images is not None:
-        figures["grid_vote"] = run_dir / "figures" / "test_grid_vote.png"
-        plots.plot_prediction_grid(images, y_v, v_out.argmax(axis=1), classes, figures["grid_vote"],
-                                   seed=seed)
-    if (save_ensemble or gradcam_images) and images is not None:
-        from covidlib.train import load_run
-
-        models = {name: load_run(run_dir / "models" / name)[0] for name in backbones}
-        if gradcam_images:
-            figures["gradcam"] = run_dir / "figures" / "gradcam.png"
-            _gradcam_figure(models, images, y_v, v_out, classes, gradcam_images, seed,
-                            figures["gradcam"])
-        if save_ensemble:
-            _save_ensemble(run_dir, models, vote, weights, classes, img_size)
-
-    evaluation: dict[str, Any] = {
-        "dataset": _dataset_name(run_dir),
-        "classes": classes,
-        "n_test": int(len(members.base_test)),
-        "models": members.blocks,
-        "ensemble": ens_block,
-        "two_phase": _two_phase(run_dir, xray_backbone, classes, vote_test, vote, cohort,
-                                phase1_threshold, uncertainty_band, clinical_flag_rate, n_boot, seed,
-                                figures),
-    }
+    rep = RunReport(Path(run_dir), list(backbones), vote, n_boot, seed)
+    rep.member_metrics()
+    rep.vote()
+    rep.two_phase(xray_backbone, cohort=cohort, threshold=phase1_threshold,
+                  band=uncertainty_band, flag_rate=clinical_flag_rate)
+    rep.calibration()
+    rep.figures_and_grid()
+    rep.gradcam(gradcam_images)
     if external_dataset:
-        evaluation["external_validation"] = external_validation(
-            run_dir, external_dataset, backbones, vote=vote, weights=weights,
-            patient_pattern=patient_pattern, n_boot=n_boot, seed=seed, figures=figures)
-    evaluation = evaluate.to_jsonable(evaluation)
-    atomic_write_text(run_dir / "evaluation.json", json.dumps(evaluation, indent=2))
-    atomic_write_text(run_dir / "results.md", results_markdown(evaluation, figures, run_dir))
-    return RunEvaluation(run_dir, evaluation, figures)
+        rep.external(external_dataset, patient_pattern)
+    return rep.write(save_ensemble=save_ensemble)
 
 
 def external_validation(run_dir: str | os.PathLike, dataset: str | os.PathLike,

@@ -151,18 +151,6 @@ def describe_device() -> str:
         "GPU available" if gpu_available() else "no GPU (CPU only)")
 
 
-def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and the backend; make TensorFlow ops deterministic."""
-    keras.utils.set_random_seed(int(seed))
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        try:
-            tf.config.experimental.enable_op_determinism()
-        except Exception:  # noqa: BLE001 - older TF: best effort
-            pass
-
-
 def save_model_atomic(model: keras.Model, path: Path) -> None:
     """Save a ``.keras`` file so a crash never leaves a half-written model behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -726,7 +714,7 @@ def train(
     if mixed:
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        set_seed(cfg.seed)
+        config.seed_everything(cfg.seed, deterministic_ops=True)
         model = build_model(cfg.backbone, len(classes), cfg.img_size, weights=cfg.weights,
                             head=cfg.head, dropout=cfg.dropout, augment=cfg.augment,
                             seed=cfg.seed, bn_momentum=cfg.bn_momentum)

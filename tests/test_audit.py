@@ -110,7 +110,6 @@ def test_near_duplicate_groups_confirmation_rejects_same_outline():
 
 
 def test_near_duplicate_groups_paths(tmp_path):
-    pytest.importorskip("covidlib.io")
     a = save(tmp_path / "a.png", texture(1))
     b = save(tmp_path / "b.jpg", variant(texture(1)))
     c = save(tmp_path / "c.png", texture(2))

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("keras")
+import keras  # noqa: F401 - a hard dependency: a broken install must fail, not skip
 
 from covidlib import data  # noqa: E402
 

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
+import keras  # a hard dependency: a broken install must fail, not skip
 
 from covidlib import explain  # noqa: E402
 

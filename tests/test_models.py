@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
+import keras  # a hard dependency: a broken install must fail, not skip
 
 from covidlib import models  # noqa: E402
 

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-keras = pytest.importorskip("keras")
+import keras  # a hard dependency: a broken install must fail, not skip
 
 from covidlib import models, train  # noqa: E402
 from covidlib.data import build_store, square_resize  # noqa: E402

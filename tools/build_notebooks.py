@@ -252,7 +252,6 @@ EXTERNAL_PATIENT_PATTERN = None   # patient-id regex for EXTERNAL_DATASET
 SEED = 0
 '''),
     code('''
-import json
 from IPython.display import Image, Markdown
 from covidlib import config, report, runner, train
 
@@ -260,21 +259,48 @@ config.seed_everything(SEED)
 run_dir = runner.resolve_run_dir(RUN_DIR)
 print(train.describe_device())
 '''),
+    md("## Load the predictions\nEvery trained backbone saved its validation and test predictions "
+       "(notebook 03); nothing is re-run here. Rows are aligned by image across models."),
+    code("rep = report.RunReport(run_dir, BACKBONES, vote_method=VOTE, n_boot=N_BOOT, seed=SEED)"),
+    md("## Stage 1: each backbone on the test split\nAccuracy, macro F1 and macro AUC (from "
+       "probabilities), 95% CIs from a bootstrap over patients."),
+    code("rep.member_metrics()"),
+    md("## Stage 2: the vote\n**hard**: majority, ties to the highest mean probability; its output is a "
+       "ranking score (AUC, no calibration). **soft** / **weighted**: mean probability (weights fitted "
+       "on validation). Writes `predictions_test_vote.csv` with `votes` and `agreement` per image."),
+    code("rep.vote()"),
+    md("## Two-phase X-ray -> CT cascade\nX-ray positive -> CT; X-ray negative -> CT only if clinically "
+       "flagged or within the uncertainty band. Without `COHORT` the pairing of X-ray and CT patients is "
+       "a clearly labelled **simulation**."),
     code('''
-result = report.evaluate_run(
-    run_dir, backbones=BACKBONES, xray_backbone=XRAY_BACKBONE, vote=VOTE, cohort=COHORT,
-    phase1_threshold=PHASE1_THRESHOLD, uncertainty_band=UNCERTAINTY_BAND,
-    clinical_flag_rate=CLINICAL_FLAG_RATE, n_boot=N_BOOT, seed=SEED, gradcam_images=GRADCAM_IMAGES,
-    external_dataset=EXTERNAL_DATASET, patient_pattern=EXTERNAL_PATIENT_PATTERN)
-Markdown((run_dir / "results.md").read_text().split("## Figures")[0])
+rep.two_phase(XRAY_BACKBONE, cohort=COHORT, threshold=PHASE1_THRESHOLD, band=UNCERTAINTY_BAND,
+              flag_rate=CLINICAL_FLAG_RATE)
 '''),
-    md("## Figures\nConfusion matrices (counts and row-normalised), ROC curves, reliability diagrams (probabilities only: none for the hard vote's score), the "
-       "5×5 test grid (`N=index | P=predicted | GT=truth`, green right, red wrong), Grad-CAM, and "
-       "the phase-1 threshold sweep."),
+    md("## Calibration\nECE before and after temperature scaling (fitted on validation) and reliability "
+       "diagrams, for outputs that are probabilities only (none for the hard vote's score)."),
+    code("rep.calibration()"),
+    md("## Figures\nConfusion matrices (counts and row-normalised), ROC curves and the 5×5 test grid "
+       "(`N=index | P=predicted | GT=truth`, green right, red wrong)."),
     code('''
-for name, path in result.figures.items():
+for name, path in rep.figures_and_grid().items():
     print(name)
     display(Image(filename=str(path)))
+'''),
+    md("## Grad-CAM\nWhere each backbone and the vote look, on a few test images."),
+    code('''
+cam = rep.gradcam(GRADCAM_IMAGES)
+if cam is not None:
+    display(Image(filename=str(cam)))
+'''),
+    md("## External validation (optional)\nThe trained models, unchanged, on another CT data set."),
+    code('''
+if EXTERNAL_DATASET:
+    display(rep.external(EXTERNAL_DATASET, EXTERNAL_PATIENT_PATTERN)["models"])
+'''),
+    md("## Write the report\n`evaluation.json`, `results.md`, and the vote saved as one Keras model."),
+    code('''
+result = rep.write()
+Markdown((run_dir / "results.md").read_text().split("## Figures")[0])
 '''),
 ])
 
