@@ -239,7 +239,6 @@ def paired_ratios(bare_epochs: list[float], ours_train: list[float]) -> list[flo
 
 def run_backbone(backbone: str, variants: list[str], store, tr, va, classes, args,
                  work: Path) -> dict[str, dict]:
-    from covidlib import train as T
 
     # covidlib's seeding (TensorFlow op determinism on) applies to the whole process, so both
     # variants run under it.

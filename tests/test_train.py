@@ -19,7 +19,7 @@ import pytest
 
 import keras  # a hard dependency: a broken install must fail, not skip
 
-from covidlib import models, train  # noqa: E402
+from covidlib import callbacks, models, train  # noqa: E402
 from covidlib.data import build_store, square_resize  # noqa: E402
 from covidlib.io import read_image, to_uint8  # noqa: E402
 
@@ -198,7 +198,7 @@ def test_killed_run_resumes_to_the_planned_epochs(finished_run, tiny_ct_manifest
                     extra_callbacks=[kill_after(3)])
     d = tmp_path / "models" / "SmallCNN"
     assert len(pd.read_csv(d / "history.csv")) == 1
-    assert train.read_backup(d / "backup" / "phase1")["epoch"] == 1
+    assert callbacks.read_backup(d / "backup" / "phase1")["epoch"] == 1
     assert not (d / "done.json").exists() and not (d / "model.keras").exists()
     counter = _BatchCounter()
     with warnings.catch_warnings():
@@ -223,12 +223,12 @@ def test_killed_run_resumes_to_the_planned_epochs(finished_run, tiny_ct_manifest
 
 
 def _back_up_every_epoch(monkeypatch) -> None:
-    init = train.BudgetedBackupAndRestore.__init__
+    init = callbacks.BudgetedBackupAndRestore.__init__
 
     def every_epoch(self, backup_dir, budget=0.02, **kw):
         init(self, backup_dir, budget=1e9, **kw)
 
-    monkeypatch.setattr(train.BudgetedBackupAndRestore, "__init__", every_epoch)
+    monkeypatch.setattr(callbacks.BudgetedBackupAndRestore, "__init__", every_epoch)
 
 
 @pytest.mark.parametrize("kill_at", [5, 7])
@@ -248,7 +248,7 @@ def test_a_kill_keeps_the_early_stopping_decision_and_the_fine_tune_epochs(
     with eager_training(), pytest.raises(KeyboardInterrupt):
         train.train(tiny_ct_manifest, tmp_path, cfg, verbose=0, extra_callbacks=[kill_after(kill_at)])
     d = tmp_path / "models" / "SmallCNN"
-    state = train.read_backup(d / "backup" / "phase1")
+    state = callbacks.read_backup(d / "backup" / "phase1")
     if kill_at == 5:
         assert state["epoch"] == 2 and not state["finished"]
         assert state["callbacks"]["EarlyStopping"]["wait"] == 1
@@ -300,19 +300,19 @@ def test_train_rejects_bad_input(tiny_ct_manifest, tmp_path):
 def test_budgeted_backups_resume_without_duplicate_epochs(tiny_ct_manifest, tmp_path, monkeypatch,
                                                           kill_after, eager_training):
     """Backups skipped to save time: a resume re-runs the unsaved epochs and logs each once."""
-    init = train.BudgetedBackupAndRestore.__init__
+    init = callbacks.BudgetedBackupAndRestore.__init__
 
     def tiny_budget(self, backup_dir, budget=0.02, **kw):
         init(self, backup_dir, budget=1e-12, **kw)  # only the first epoch is ever backed up
 
-    monkeypatch.setattr(train.BudgetedBackupAndRestore, "__init__", tiny_budget)
+    monkeypatch.setattr(callbacks.BudgetedBackupAndRestore, "__init__", tiny_budget)
     cfg = _cfg(augment=False, epochs=4, patience=100)
     # 2 batches per epoch: the 7th batch is in epoch 3, after epochs 0-2 were logged.
     with eager_training(), pytest.raises(KeyboardInterrupt):
         train.train(tiny_ct_manifest, tmp_path, cfg, verbose=0, extra_callbacks=[kill_after(7)])
     d = tmp_path / "models" / "SmallCNN"
     assert len(pd.read_csv(d / "history.csv")) == 3
-    assert train.read_backup(d / "backup" / "phase1")["epoch"] == 1
+    assert callbacks.read_backup(d / "backup" / "phase1")["epoch"] == 1
     # the best weights went to disk with the (only) backup, so they belong to the kept history
     assert (d / train.BEST_WEIGHTS).is_file()
     counter = _BatchCounter()
@@ -329,7 +329,7 @@ def test_best_weights_keeps_the_best_epoch_and_writes_only_on_flush(tmp_path):
     inp = keras.Input((3,))
     model = keras.Model(inp, keras.layers.Dense(2, name="d")(inp))
     path = tmp_path / "best.weights.npz"
-    cb = train.BestWeights(path, monitor="val_auc", mode="max", initial_value_threshold=0.55)
+    cb = callbacks.BestWeights(path, monitor="val_auc", mode="max", initial_value_threshold=0.55)
     cb.set_model(model)
     kernels = {}
     for epoch, auc in enumerate([0.5, 0.7, 0.9, 0.8, float("nan")]):
@@ -340,13 +340,13 @@ def test_best_weights_keeps_the_best_epoch_and_writes_only_on_flush(tmp_path):
     assert cb.best_epoch == 2  # 0.5 is below the threshold a resumed run starts from
     cb.on_train_end()
     fresh = keras.Model(inp, keras.layers.Dense(2, name="d")(inp))
-    train.load_best_weights(fresh, path)
+    callbacks.load_best_weights(fresh, path)
     np.testing.assert_array_equal(np.asarray(fresh.get_layer("d").kernel), kernels[2])
     mtime = path.stat().st_mtime_ns
     cb.flush()  # nothing pending: no rewrite
     assert path.stat().st_mtime_ns == mtime
     with pytest.raises(ValueError, match="mode"):
-        train.BestWeights(path, mode="maximum")
+        callbacks.BestWeights(path, mode="maximum")
 
 
 def test_epoch_tensorboard_writes_train_and_validation_scalars(tmp_path):
@@ -356,7 +356,7 @@ def test_epoch_tensorboard_writes_train_and_validation_scalars(tmp_path):
     inp = keras.Input((3,))
     model = keras.Model(inp, keras.layers.Dense(2)(inp))
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
-    cb = train.EpochTensorBoard(tmp_path / "logs")
+    cb = callbacks.EpochTensorBoard(tmp_path / "logs")
     cb.set_model(model)
     for epoch in range(3):
         cb.on_epoch_end(epoch, {"loss": 1.0 / (epoch + 1), "val_loss": 2.0 + epoch, "val_auc": 0.5})
@@ -384,8 +384,8 @@ def test_backup_budget_counts_training_time_only(tmp_path, monkeypatch):
             return self.t
 
     clock = Clock()
-    monkeypatch.setattr(train, "time", clock)
-    cb = train.BudgetedBackupAndRestore(tmp_path / "b", budget=0.05)
+    monkeypatch.setattr(callbacks, "time", clock)
+    cb = callbacks.BudgetedBackupAndRestore(tmp_path / "b", budget=0.05)
     saved = []
 
     def fake_save(finished=False):
@@ -437,16 +437,16 @@ def test_backup_restores_weights_optimizer_and_random_state(tmp_path):
         return model, x, np.eye(3, dtype="float32")[rng.integers(0, 3, 8)]
 
     model, x, y = model_and_data()
-    cb = train.BudgetedBackupAndRestore(tmp_path / "b", budget=1e9)
+    cb = callbacks.BudgetedBackupAndRestore(tmp_path / "b", budget=1e9)
     model.fit(x, y, batch_size=4, epochs=2, verbose=0, shuffle=False, callbacks=[cb])
     cb.finish()
-    state = train.read_backup(tmp_path / "b")
+    state = callbacks.read_backup(tmp_path / "b")
     assert state["epoch"] == 2 and state["finished"] and len(state["rng"]) == 1
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["ckpt.weights.h5", "state.json"]
     model.fit(x, y, batch_size=4, initial_epoch=2, epochs=3, verbose=0, shuffle=False)
 
     fresh, _, _ = model_and_data()
-    train._restore(fresh, tmp_path / "b", state)
+    callbacks.restore_backup(fresh, tmp_path / "b", state)
     assert int(fresh.optimizer.iterations.numpy()) == 4
     fresh.fit(x, y, batch_size=4, initial_epoch=2, epochs=3, verbose=0, shuffle=False)
     for a, b in zip(fresh.get_weights(), model.get_weights()):
