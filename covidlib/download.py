@@ -29,6 +29,8 @@ import socket
 import stat
 import tarfile
 import tempfile
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -61,8 +63,18 @@ KAGGLE_INPUT_ROOT = Path(os.environ.get("COVIDLIB_KAGGLE_INPUT", "/kaggle/input"
 # A cheap reachability probe before handing over to kagglehub, so "offline" fails in seconds.
 _KAGGLE_PROBE: tuple[str, int] = ("www.kaggle.com", 443)
 DEFAULT_TIMEOUT = 30.0  # seconds without a byte before a download gives up (not the total time)
-DEFAULT_MAX_BYTES = 200 * 1024**3  # extraction cap: 200 GiB (COVIDx CT is ~ tens of GB)
+# A server that drips a byte now and then never trips the idle timeout: a download also stops
+# at a total deadline, and when its average rate stays below a minimum after a grace period.
+DEFAULT_DEADLINE = 12 * 3600.0  # seconds for one download_https call (a partial file resumes)
+DEFAULT_MIN_RATE = 10 * 1024  # bytes per second, on average since the request
+DEFAULT_RATE_GRACE = 60.0  # seconds before the minimum rate applies (connection set-up, slow start)
+# Extraction limits. The size cap defaults to the target's free space less a margin.
+FREE_SPACE_MARGIN = 1024**3
 DEFAULT_MAX_FILES = 2_000_000
+MAX_RATIO = 200  # uncompressed / compressed, for the whole archive and for each zip member
+RATIO_FLOOR = 64 * 1024**2  # below this many uncompressed bytes no ratio is too high (text, masks)
+MAX_NAME_BYTES = 255  # one path component (NAME_MAX of Linux, macOS and Windows file systems)
+MAX_PATH_BYTES = 4096  # a whole path (PATH_MAX of Linux)
 _CHUNK = 1 << 20
 
 
@@ -366,6 +378,147 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+class _Deadline:
+    """Shuts a download's socket down when its total time is up.
+
+    A thread blocked in a read cannot look at a clock, and a server that sends a byte now and
+    then never trips the idle timeout; shutting the socket from a timer wakes the read.
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds, self.fired, self._sock = seconds, False, None
+        self._lock = threading.Lock()
+        self._timer = None
+        if seconds is not None:
+            self._timer = threading.Timer(max(0.0, seconds), self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sock = sock
+            fired = self.fired
+        if fired:
+            _shutdown(sock)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            sock = self._sock
+        if sock is not None:
+            _shutdown(sock)
+
+    def stop(self) -> bool:
+        """Cancel the timer; True when the deadline had already passed."""
+        if self._timer is not None:
+            self._timer.cancel()
+        with self._lock:
+            return self.fired
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
+
+
+def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
+    """A urllib opener whose HTTP(S) connections hand their socket to ``deadline``."""
+    def watched(conn_class):
+        class Watched(conn_class):
+            def connect(self):
+                super().connect()
+                deadline.watch(self.sock)
+        return Watched
+
+    class HTTP(urllib.request.HTTPHandler):
+        def do_open(self, http_class, req, **kw):
+            return super().do_open(watched(http_class), req, **kw)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def do_open(self, http_class, req, **kw):
+            return super().do_open(watched(http_class), req, **kw)
+
+    return urllib.request.build_opener(HTTP, HTTPS)
+
+
+@dataclass(frozen=True)
+class _Pace:
+    """The limits of one download (see :func:`download_https`)."""
+
+    timeout: float
+    min_rate: float | None
+    rate_grace: float
+    start: float
+
+
+def _receive(resp, part: Path, offset: int, shown: str, pace: _Pace,
+             progress: Callable[[int, int | None], None] | None) -> int | None:
+    """Write a response's body to ``part`` (appending after ``offset`` on a 206); return the total."""
+    status = getattr(resp, "status", 200)
+    length = resp.headers.get("Content-Length")
+    if status == 206:
+        m = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.headers.get("Content-Range", ""))
+        if not m or int(m.group(1)) != offset:
+            raise DownloadError(f"{shown}: server sent an unexpected byte range; delete {part} and "
+                                "run again")
+        total, mode = (int(m.group(3)) if m.group(3) != "*" else None), "ab"
+    else:  # 200: the server ignored the range (or there was none): start from 0
+        offset, mode = 0, "wb"
+        total = int(length) if length and length.isdigit() else None
+    done, got = offset, 0
+    with open(part, mode) as fh:
+        # read1: returns what has arrived, so the rate is checked while a slow server trickles.
+        while block := resp.read1(_CHUNK):
+            fh.write(block)
+            done, got = done + len(block), got + len(block)
+            if progress is not None:
+                progress(done, total)
+            elapsed = time.monotonic() - pace.start
+            if pace.min_rate and elapsed > pace.rate_grace and got / elapsed < pace.min_rate:
+                raise DownloadError(
+                    f"download of {shown} stopped: {got / elapsed:,.0f} bytes/s on average over "
+                    f"{elapsed:.0f} s, below the minimum rate of {pace.min_rate:,.0f} bytes/s "
+                    f"(min_rate); {done:,} bytes kept. Run again to resume, or lower min_rate.")
+    return total
+
+
+def _transfer(req: urllib.request.Request, part: Path, offset: int, shown: str, pace: _Pace,
+              deadline: _Deadline, progress) -> int | None:
+    """One HTTP request into ``part``; returns the total size when the server said it."""
+    try:
+        resp = _opener(deadline).open(req, timeout=pace.timeout)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code == 416 and offset:
+            return None  # Range not satisfiable: the part file already holds everything (or is bogus)
+        raise DownloadError(f"download of {shown} failed: HTTP {exc.code} {exc.reason}") from None
+    with resp:
+        return _receive(resp, part, offset, shown, pace, progress)
+
+
+def _deadline_error(shown: str, part: Path, seconds: float) -> DownloadError:
+    kept = part.stat().st_size if part.exists() else 0
+    return DownloadError(f"download of {shown} stopped: the total deadline of {seconds:g} s passed "
+                         f"(deadline); {kept:,} bytes kept. Run again to resume, or raise deadline.")
+
+
+def _network_error(exc: BaseException, shown: str, part: Path, timeout: float) -> DownloadError:
+    kept = part.stat().st_size if part.exists() else 0
+    reason = getattr(exc, "reason", exc)
+    if isinstance(exc, http.client.HTTPException):  # e.g. IncompleteRead: the connection dropped
+        return DownloadError(f"download of {shown} was interrupted ({type(exc).__name__}) after "
+                             f"{kept:,} bytes; run again to resume.")
+    if isinstance(reason, TimeoutError) and kept:
+        return DownloadError(f"download of {shown} stopped: no data for {timeout:g} s (timeout); "
+                             f"{kept:,} bytes kept. Run again to resume.")
+    return DownloadError(
+        f"cannot download {shown}: {_scrub(str(reason))}. Check the internet connection "
+        "(offline? proxy?) and run again - a partial download resumes. Or download it by hand "
+        "and pass the file/folder instead.")
+
+
 def download_https(
     url: str,
     dest: str | os.PathLike,
@@ -373,9 +526,12 @@ def download_https(
     resume: bool = True,
     *,
     timeout: float = DEFAULT_TIMEOUT,
+    deadline: float | None = DEFAULT_DEADLINE,
+    min_rate: float | None = DEFAULT_MIN_RATE,
+    rate_grace: float = DEFAULT_RATE_GRACE,
     progress: Callable[[int, int | None], None] | None = None,
 ) -> Path:
-    """Download ``url`` to the file ``dest``: resumable, verified, atomic.
+    """Download ``url`` to the file ``dest``: resumable, verified, atomic, bounded in time.
 
     Bytes go to ``dest + ".part"``; an interrupted download keeps it and the next call asks the
     server for the rest (HTTP ``Range``). When complete (and the SHA-256 matches, if given) the part
@@ -387,7 +543,12 @@ def download_https(
         dest: target file path.
         sha256: expected hex digest, or None when unknown.
         resume: continue a previous ``.part`` file (False: start again).
-        timeout: seconds to wait for the connection / the next bytes (never hangs).
+        timeout: seconds to wait for the connection / the next bytes.
+        deadline: seconds for the whole call (None: no limit); a server that sends a byte now
+            and then is cut off here.
+        min_rate: bytes per second, on average since the request, below which the download stops
+            once ``rate_grace`` seconds have passed (None or 0: no minimum).
+        rate_grace: seconds before ``min_rate`` applies.
         progress: optional callback ``(bytes_done, total_or_None)``.
 
     Returns:
@@ -395,8 +556,9 @@ def download_https(
 
     Raises:
         ValueError: not an http(s) URL.
-        DownloadError: network failure (the part file is kept for resuming), HTTP error, size or
-            checksum mismatch (the part file is deleted; no ``dest`` is created).
+        DownloadError: network failure, idle timeout, deadline or minimum rate (the message names
+            the limit; the part file is kept for resuming), HTTP error, size or checksum mismatch
+            (the part file is deleted; no ``dest`` is created).
     """
     scheme = urllib.parse.urlsplit(str(url)).scheme.lower()
     if scheme not in ("http", "https"):
@@ -421,60 +583,22 @@ def download_https(
     if offset:
         headers["Range"] = f"bytes={offset}-"
     req = urllib.request.Request(str(url), headers=headers)
-    total: int | None = None
+    clock = _Deadline(deadline)
+    pace = _Pace(timeout, min_rate, rate_grace, time.monotonic())
     try:
-        try:
-            resp = urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - scheme checked above
-        except urllib.error.HTTPError as exc:
-            if exc.code == 416 and offset:
-                # Range not satisfiable: the part file already holds everything (or is bogus).
-                exc.close()
-                resp = None
-            else:
-                exc.close()
-                raise DownloadError(f"download of {shown} failed: HTTP {exc.code} {exc.reason}") from None
-        if resp is not None:
-            with resp:
-                status = getattr(resp, "status", 200)
-                length = resp.headers.get("Content-Length")
-                if status == 206:
-                    m = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.headers.get("Content-Range", ""))
-                    if not m or int(m.group(1)) != offset:
-                        raise DownloadError(f"{shown}: server sent an unexpected byte range; delete "
-                                            f"{part} and run again")
-                    total = int(m.group(3)) if m.group(3) != "*" else None
-                    mode = "ab"
-                else:  # 200: the server ignored the range (or there was none): start from 0
-                    offset = 0
-                    total = int(length) if length and length.isdigit() else None
-                    mode = "wb"
-                done = offset
-                with open(part, mode) as fh:
-                    while True:
-                        block = resp.read(_CHUNK)
-                        if not block:
-                            break
-                        fh.write(block)
-                        done += len(block)
-                        if progress is not None:
-                            progress(done, total)
+        total = _transfer(req, part, offset, shown, pace, clock, progress)
     except DownloadError:
         raise
-    except http.client.HTTPException as exc:  # e.g. IncompleteRead: the connection dropped
-        kept = part.stat().st_size if part.exists() else 0
-        raise DownloadError(
-            f"download of {shown} was interrupted ({type(exc).__name__}) after {kept:,} bytes; run "
-            "again to resume."
-        ) from None
-    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise DownloadError(
-            f"cannot download {shown}: {_scrub(str(reason))}. Check the internet connection "
-            "(offline? proxy?) and run again - a partial download resumes. Or download it by hand "
-            "and pass the file/folder instead."
-        ) from None
+    except (http.client.HTTPException, urllib.error.URLError, OSError) as exc:
+        # A read woken by the deadline's shutdown fails in many ways; name the deadline.
+        raise (_deadline_error(shown, part, deadline) if clock.stop()
+               else _network_error(exc, shown, part, timeout)) from None
+    finally:
+        fired = clock.stop()
 
     size = part.stat().st_size if part.exists() else 0
+    if fired and (total is None or size != total):
+        raise _deadline_error(shown, part, deadline)  # the shutdown reads as an early end
     if total is not None and size != total:
         raise DownloadError(f"{shown}: got {size} of {total} bytes; run again to resume")
     if want:
@@ -532,33 +656,180 @@ def _tar_members(tf: tarfile.TarFile):
         yield m.name, kind, m.size, m
 
 
+@dataclass(frozen=True)
+class _Limits:
+    """What one extraction may write; ``why`` says where ``max_bytes`` came from."""
+
+    max_bytes: int
+    max_files: int
+    max_ratio: float | None
+    packed: int  # size of the archive file
+    why: str
+
+
+def _free_space_cap(folder: Path) -> tuple[int, str]:
+    """The default size cap: free space of ``folder``'s file system less :data:`FREE_SPACE_MARGIN`."""
+    free = shutil.disk_usage(folder).free
+    return max(0, free - FREE_SPACE_MARGIN), (
+        f"the free space of {folder} ({free:,} bytes) less a {FREE_SPACE_MARGIN:,}-byte margin; "
+        "free some space or pass max_bytes")
+
+
+def _too_compressed(size: int, packed: int, limits: _Limits) -> bool:
+    return (limits.max_ratio is not None and size > RATIO_FLOOR
+            and size / max(packed, 1) > limits.max_ratio)
+
+
+def _shorten(name: str) -> str:
+    return name if len(name) <= 80 else f"{name[:40]}...{name[-30:]}"
+
+
+def _check_name(arc_name: str, rel: PurePosixPath, base_bytes: int) -> None:
+    """Refuse names the file system would refuse (a clear message instead of an OSError later)."""
+    try:
+        parts = [os.fsencode(p) for p in rel.parts]
+    except UnicodeError:
+        raise UnsafeArchiveError(f"{arc_name}: member {_shorten(str(rel))!r} has a name that is not "
+                                 "valid text") from None
+    long = next((p for p in parts if len(p) > MAX_NAME_BYTES), None)
+    if long is not None:
+        raise UnsafeArchiveError(
+            f"{arc_name}: member {_shorten(str(rel))!r} has a name component of {len(long)} bytes; "
+            f"file systems allow {MAX_NAME_BYTES}")
+    total = base_bytes + sum(len(p) + 1 for p in parts)
+    if total > MAX_PATH_BYTES:
+        raise UnsafeArchiveError(
+            f"{arc_name}: member {_shorten(str(rel))!r} would make a path of {total} bytes; the "
+            f"system allows {MAX_PATH_BYTES} (extract into a shorter folder?)")
+
+
+class _Tree:
+    """The files and folders an archive's members make; refuses duplicates and file/folder clashes."""
+
+    def __init__(self, arc_name: str) -> None:
+        self.arc_name, self.files, self.dirs = arc_name, set(), set()
+
+    def add(self, rel: PurePosixPath, kind: str) -> None:
+        where = f"{self.arc_name}: member {_shorten(str(rel))!r}"
+        for parent in list(rel.parents)[:-1]:  # [:-1] drops "."
+            if parent in self.files:
+                raise UnsafeArchiveError(f"{where} needs {str(parent)!r} to be a folder, but an earlier "
+                                         "member is a file of that name")
+        if kind == "dir":
+            if rel in self.files:
+                raise UnsafeArchiveError(f"{where} is a folder, but an earlier member is a file of "
+                                         "that name")
+        elif rel in self.files:
+            raise UnsafeArchiveError(f"{where} appears twice; refusing to pick one of the copies")
+        elif rel in self.dirs:
+            raise UnsafeArchiveError(f"{where} is a file, but earlier members make it a folder")
+        (self.dirs if kind == "dir" else self.files).add(rel)
+        self.dirs.update(list(rel.parents)[:-1])
+
+
+def _check_members(arc_name: str, members, limits: _Limits, base_bytes: int) -> list:
+    """Pass 1: every member is checked before a single byte is written; returns what to write."""
+    plan, declared, tree = [], 0, _Tree(arc_name)
+    for name, kind, size, ref in members:
+        if len(plan) >= limits.max_files:
+            raise UnsafeArchiveError(f"{arc_name} has more than {limits.max_files} members")
+        if kind == "link":
+            raise UnsafeArchiveError(f"{arc_name}: member {name!r} is a link; links are not extracted")
+        if kind == "special":
+            raise UnsafeArchiveError(f"{arc_name}: member {name!r} is a device/FIFO/special file")
+        rel = _safe_relpath(name)
+        if rel is None:
+            continue
+        _check_name(arc_name, rel, base_bytes)
+        tree.add(rel, kind)
+        size = max(0, int(size))
+        declared += size
+        if declared > limits.max_bytes:
+            raise UnsafeArchiveError(f"{arc_name} would expand to more than {limits.max_bytes:,} bytes "
+                                     f"(declared sizes; the cap is {limits.why})")
+        packed = getattr(ref, "compress_size", None)  # zip members only; tar compresses as a whole
+        if packed is not None and _too_compressed(size, packed, limits):
+            raise UnsafeArchiveError(
+                f"{arc_name}: member {_shorten(str(rel))!r} expands {size / max(packed, 1):,.0f}x "
+                f"({packed:,} -> {size:,} bytes), above the {limits.max_ratio:g}x compression-ratio "
+                "limit (a zip bomb?; max_ratio)")
+        plan.append((rel, kind, ref))
+    if _too_compressed(declared, limits.packed, limits):
+        raise UnsafeArchiveError(
+            f"{arc_name} would expand {declared / max(limits.packed, 1):,.0f}x ({limits.packed:,} -> "
+            f"{declared:,} bytes), above the {limits.max_ratio:g}x compression-ratio limit "
+            "(an archive bomb?; max_ratio)")
+    return plan
+
+
+def _write_members(arc, plan: list, tmp: Path, arc_name: str, limits: _Limits) -> None:
+    """Pass 2: write the checked members into ``tmp``, counting the bytes actually written."""
+    root, written = tmp.resolve(), 0
+    for rel, kind, ref in plan:
+        target = tmp.joinpath(*rel.parts)
+        # Belt and braces: the resolved target must stay inside the temp folder.
+        if root not in target.resolve().parents and target.resolve() != root:
+            raise UnsafeArchiveError(f"{arc_name}: member {str(rel)!r} escapes the target")
+        try:
+            if kind == "dir":
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = arc.open(ref) if isinstance(arc, zipfile.ZipFile) else arc.extractfile(ref)
+            if src is None:
+                raise UnsafeArchiveError(f"{arc_name}: cannot read member {str(rel)!r}")
+            with src, open(target, "xb") as out:
+                while block := src.read(_CHUNK):
+                    written += len(block)
+                    if written > limits.max_bytes:
+                        raise UnsafeArchiveError(f"{arc_name} expands to more than {limits.max_bytes:,} "
+                                                 f"bytes (actual data; the cap is {limits.why})")
+                    if _too_compressed(written, limits.packed, limits):
+                        raise UnsafeArchiveError(
+                            f"{arc_name} expands more than {limits.max_ratio:g}x (actual data: "
+                            f"{written:,} bytes from {limits.packed:,}); compression-ratio limit, "
+                            "max_ratio")
+                    out.write(block)
+        except OSError as exc:  # disk full, permissions, a name the file system refuses
+            raise DownloadError(f"{arc_name}: cannot write member {_shorten(str(rel))!r}: "
+                                f"{exc.strerror or exc}") from None
+
+
 def safe_extract(
     archive: str | os.PathLike,
     dest: str | os.PathLike,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_bytes: int | None = None,
     max_files: int = DEFAULT_MAX_FILES,
+    max_ratio: float | None = MAX_RATIO,
 ) -> Path:
     """Extract a zip or tar(.gz/.bz2/.xz) archive into ``dest``, refusing anything unsafe.
 
     Refused (:class:`UnsafeArchiveError`, nothing is left behind): absolute paths, ``..``
-    components, any symbolic or hard link, device files / FIFOs, more than ``max_files`` members,
-    and more than ``max_bytes`` in total -- checked against the declared sizes first and again
-    against the bytes actually written (a lying header cannot get past). Everything is extracted
-    into a temporary folder beside ``dest`` that is renamed to ``dest`` at the end, so ``dest``
-    appears complete or not at all; nothing outside it is touched.
+    components, any symbolic or hard link, device files / FIFOs, a name twice, a name that is a
+    file in one member and a folder in another, a name component over :data:`MAX_NAME_BYTES` or
+    a path over :data:`MAX_PATH_BYTES` bytes, more than ``max_files`` members, more than
+    ``max_bytes`` in total, and an expansion above ``max_ratio`` times the compressed size (the
+    archive's, and each zip member's; only past :data:`RATIO_FLOOR` bytes). Sizes and ratios are
+    checked against the declared sizes first and again against the bytes actually written (a
+    lying header cannot get past). Everything is extracted into a temporary folder beside
+    ``dest`` that is renamed to ``dest`` at the end, so ``dest`` appears complete or not at all;
+    nothing outside it is touched.
 
     Args:
         archive: the archive file.
         dest: target folder; must not exist yet (or be empty).
-        max_bytes: cap on the uncompressed size.
+        max_bytes: cap on the uncompressed size; None: the free space of the target's file
+            system less :data:`FREE_SPACE_MARGIN`.
         max_files: cap on the number of members.
+        max_ratio: cap on uncompressed / compressed size; None: no cap.
 
     Returns:
         ``dest`` as a Path.
 
     Raises:
         FileNotFoundError: no archive. FileExistsError: ``dest`` is a non-empty folder or a file.
-        UnsafeArchiveError: see above. DownloadError: not a readable zip/tar archive.
+        UnsafeArchiveError: see above. DownloadError: not a readable zip/tar archive, or a
+        member cannot be written (disk full...).
     """
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
@@ -573,53 +844,16 @@ def safe_extract(
         raise DownloadError(f"{archive.name} is not a zip or tar archive (a failed download? an HTML page?)")
 
     dest.parent.mkdir(parents=True, exist_ok=True)
+    cap, why = (max_bytes, "max_bytes") if max_bytes is not None else _free_space_cap(dest.parent)
+    limits = _Limits(cap, max_files, max_ratio, archive.stat().st_size, why)
+    prefix = f".{dest.name}.extract-"
+    base_bytes = len(os.fsencode(str(dest.parent.resolve() / prefix))) + 8  # + mkdtemp's suffix
     try:
         with opener(archive) as arc:
-            # Pass 1: validate every member before writing a single byte.
-            plan = []
-            declared = 0
-            for name, kind, size, ref in members_of(arc):
-                if len(plan) >= max_files:
-                    raise UnsafeArchiveError(f"{archive.name} has more than {max_files} members")
-                if kind == "link":
-                    raise UnsafeArchiveError(f"{archive.name}: member {name!r} is a link; links are not extracted")
-                if kind == "special":
-                    raise UnsafeArchiveError(f"{archive.name}: member {name!r} is a device/FIFO/special file")
-                rel = _safe_relpath(name)
-                if rel is None:
-                    continue
-                declared += max(0, int(size))
-                if declared > max_bytes:
-                    raise UnsafeArchiveError(
-                        f"{archive.name} would expand to more than {max_bytes:,} bytes (declared sizes)")
-                plan.append((rel, kind, ref))
-
-            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.extract-", dir=dest.parent))
+            plan = _check_members(archive.name, members_of(arc), limits, base_bytes)
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))
             try:
-                root = tmp.resolve()
-                written = 0
-                for rel, kind, ref in plan:
-                    target = tmp.joinpath(*rel.parts)
-                    # Belt and braces: the resolved target must stay inside the temp folder.
-                    if root not in target.resolve().parents and target.resolve() != root:
-                        raise UnsafeArchiveError(f"{archive.name}: member {str(rel)!r} escapes the target")
-                    if kind == "dir":
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    src = arc.open(ref) if isinstance(arc, zipfile.ZipFile) else arc.extractfile(ref)
-                    if src is None:
-                        raise UnsafeArchiveError(f"{archive.name}: cannot read member {str(rel)!r}")
-                    with src, open(target, "xb") as out:
-                        while True:
-                            block = src.read(_CHUNK)
-                            if not block:
-                                break
-                            written += len(block)
-                            if written > max_bytes:
-                                raise UnsafeArchiveError(
-                                    f"{archive.name} expands to more than {max_bytes:,} bytes (actual data)")
-                            out.write(block)
+                _write_members(arc, plan, tmp, archive.name, limits)
                 if dest.exists():
                     dest.rmdir()  # empty (checked above)
                 os.replace(tmp, dest)

@@ -6,17 +6,25 @@ backbone in ``BACKBONES`` (and once more for the phase-1 X-ray model ``XRAY_BACK
 are saved in ``RUN_DIR/notebooks/`` next to the outputs they produced.
 
 Defaults live in one place only: each notebook's ``parameters`` cell. The runner reads them with
-``papermill.inspect_notebook`` and passes a notebook only the parameters it declares.
+``papermill.inspect_notebook`` and passes a notebook only the parameters it declares. Every value
+is checked first (:func:`validate`: types from those defaults, ranges and choices from
+:func:`rules`, a cheap look at a local data set), so a bad one fails in one line before any
+notebook starts.
 """
 from __future__ import annotations
 
 import ast
 import contextlib
+import functools
+import importlib.util
+import math
 import os
+import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
 from covidlib import config
 
@@ -117,11 +125,352 @@ def parse_value(text: str) -> Any:
         return text
 
 
+# ----------------------------------------------------------------------------------------------
+# Parameter validation: every value is checked before the first notebook starts
+# ----------------------------------------------------------------------------------------------
+
+SEED_MAX = 2**32 - 1  # numpy's seed range
+# Documented as "or None" although their default is a value.
+_NONE_OK = frozenset({"XRAY_DATASET"})
+# The notebooks read an empty string here as None (``if XRAY_DATASET:``).
+_EMPTY_IS_NONE = frozenset({"XRAY_DATASET", "EXTERNAL_DATASET", "COHORT", "RUN_DIR"})
+_DATA_ACCEPTS = ("'synthetic', a registry name (covidlib download --list) or an existing folder, "
+                 "CSV or label file")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one parameter accepts.
+
+    Attributes:
+        accepts: the accepted values in words; error messages quote it.
+        ok: ``value -> True`` when accepted, ``False`` to refuse with ``accepts``, or a string
+            saying why it is refused. Called only on values of the default's type unless ``typed``.
+        typed: ``ok`` checks the type itself (the type of the notebook's default is not imposed).
+    """
+
+    accepts: str
+    ok: Callable[[Any], bool | str] = lambda v: True
+    typed: bool = False
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _default_type(default: Any) -> tuple[Callable[[Any], bool], str] | None:
+    """The type test and its words for a notebook default (None: the default fixes no type)."""
+    if isinstance(default, bool):
+        return (lambda v: isinstance(v, bool)), "True or False"
+    if isinstance(default, int):
+        return _is_int, "an integer"
+    if isinstance(default, float):
+        return _is_number, "a number"  # an int is a number too
+    if isinstance(default, str):
+        return (lambda v: isinstance(v, str)), "a string"
+    if isinstance(default, list):
+        return (lambda v: isinstance(v, list)), "a list"
+    return None
+
+
+def _int_min(lo: int, why: str = "") -> Rule:
+    return Rule(f"an integer >= {lo}{why}", lambda v: v >= lo)
+
+
+def _choice(names: Sequence[str]) -> Rule:
+    return Rule(f"one of {list(names)}", lambda v: v in names)
+
+
+def _string(accepts: str, ok: Callable[[str], bool | str]) -> Rule:
+    """A rule for a parameter whose default is None: a string that ``ok`` accepts."""
+    return Rule(accepts, lambda v: isinstance(v, str) and ok(v), typed=True)
+
+
+def _distinct_list(item: Callable[[Any], bool], what: str) -> Rule:
+    return Rule(f"a non-empty list of distinct {what}",
+                lambda v: isinstance(v, list) and bool(v) and all(item(x) for x in v)
+                and len({repr(x) for x in v}) == len(v), typed=True)
+
+
+def _static_names(module: str, variable: str) -> tuple[str, ...]:
+    """Keys (or items) of a literal dict / tuple of a covidlib module, read from its source.
+
+    ``covidlib.models`` imports Keras: seconds, and TensorFlow's start-up lines on stderr. The
+    names a parameter may take are literals there, so checking them needs no import.
+    """
+    loaded = sys.modules.get(f"covidlib.{module}")
+    if loaded is None:
+        try:
+            spec = importlib.util.find_spec(f"covidlib.{module}")
+            tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            tree = None  # no source to read (e.g. a bytecode-only install): import it below
+        for node in tree.body if tree else ():
+            target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+            if isinstance(target, ast.Name) and target.id == variable:
+                elts = node.value.keys if isinstance(node.value, ast.Dict) else node.value.elts
+                return tuple(ast.literal_eval(e) for e in elts)
+        loaded = importlib.import_module(f"covidlib.{module}")  # slow, but never wrong
+    return tuple(getattr(loaded, variable))
+
+
+def _existing_file(v: str) -> bool | str:
+    if Path(v).expanduser().is_file():
+        return True
+    return f"no such file (relative paths start at {Path.cwd()})"
+
+
+def _run_dir_ok(v: str) -> bool | str:
+    path = Path(v).expanduser().absolute()
+    for p in (path, *path.parents):  # the nearest existing folder must be a folder
+        if p.exists():
+            return True if p.is_dir() else f"{p} is a file"
+    return True
+
+
+def _pattern_ok(v: str) -> bool | str:
+    from covidlib.datasets import PATIENT_PATTERNS
+
+    try:
+        re.compile(PATIENT_PATTERNS.get(v, v))
+    except re.error as exc:
+        return f"not a regular expression ({exc})"
+    return True
+
+
+def _is_registry_name(v: str) -> bool:
+    from covidlib import download
+
+    try:
+        download.get_info(v)
+        return True
+    except download.UnknownDatasetError:
+        return bool(re.fullmatch(r"kaggle:[\w.-]+/[\w.-]+", v.strip(), re.IGNORECASE))
+
+
+def _dataset_ok(shape: bool) -> Callable[[str], bool | str]:
+    """Accepts "synthetic", a registry name or an existing path (with ``shape``: >= 2 classes)."""
+    def ok(v: str) -> bool | str:
+        if not v.strip():
+            return False
+        if v.strip().lower() == "synthetic":
+            return True
+        path = Path(v).expanduser()
+        if path.exists():
+            return data_shape(path) if shape else True
+        if _is_registry_name(v):
+            return True
+        return f"not found (relative paths start at {Path.cwd()}) and not a registry name"
+    return ok
+
+
+@functools.lru_cache(maxsize=1)
+def rules() -> dict[str, Rule]:
+    """Ranges and choices of the notebooks' parameters (types come from their defaults)."""
+    from covidlib.datasets import PATIENT_PATTERNS
+    from covidlib.enhance import PIPELINES
+
+    backbones = _static_names("models", "BACKBONES")
+    unit = Rule("a number from 0 to 1", lambda v: 0 <= v <= 1)
+    fraction = Rule("a number between 0 and 1 (both excluded)", lambda v: 0 < v < 1)
+    positive = Rule("a number > 0", lambda v: v > 0)
+    seed = Rule(f"an integer from 0 to {SEED_MAX}", lambda v: 0 <= v <= SEED_MAX)
+    pattern = _string(f"None, a regular expression or one of {sorted(PATIENT_PATTERNS)}", _pattern_ok)
+    one_backbone = _choice(backbones)
+    return {
+        "DATASET": Rule(_DATA_ACCEPTS, _dataset_ok(shape=True)),
+        "XRAY_DATASET": Rule(f"None, {_DATA_ACCEPTS}", _dataset_ok(shape=True)),
+        "EXTERNAL_DATASET": _string(f"None, {_DATA_ACCEPTS}", _dataset_ok(shape=False)),
+        "RUN_DIR": _string("None or a folder path (new or existing)", _run_dir_ok),
+        "SEED": seed, "PATIENT_PATTERN": pattern, "EXTERNAL_PATIENT_PATTERN": pattern,
+        "SYNTHETIC_PATIENTS": _int_min(3, " (every split needs a patient of each class)"),
+        "VAL_FRACTION": fraction, "TEST_FRACTION": fraction,
+        "IMG_SIZE": _int_min(32), "BATCH_SIZE": _int_min(1), "N_BOOT": _int_min(1),
+        "ABLATION_BACKBONE": one_backbone, "ABLATION_EPOCHS": _int_min(1),
+        "ABLATION_SEEDS": _distinct_list(lambda x: _is_int(x) and 0 <= x <= SEED_MAX,
+                                         f"integers from 0 to {SEED_MAX}"),
+        "ABLATION_PIPELINES": _distinct_list(lambda x: x in PIPELINES, f"names from {list(PIPELINES)}"),
+        "BACKBONE": one_backbone, "XRAY_BACKBONE": one_backbone,
+        # plan() turns a single name into a list.
+        "BACKBONES": Rule(f"a non-empty list of distinct names from {list(backbones)}", typed=True,
+                          ok=lambda v: _distinct_list(lambda x: x in backbones, "").ok(
+                              [v] if isinstance(v, str) else v)),
+        "MODALITY": _choice(config.MODALITIES), "ENHANCEMENT": _choice(list(PIPELINES)),
+        "EPOCHS": _int_min(1), "FINE_TUNE_EPOCHS": _int_min(0), "PATIENCE": _int_min(0),
+        "WEIGHTS": _string("None, 'imagenet' or an existing weights file",
+                           lambda v: v == "imagenet" or _existing_file(v)),
+        "HEAD": _choice(_static_names("models", "HEADS")),
+        "LEARNING_RATE": positive, "FINE_TUNE_LR": positive,
+        "UNFREEZE": Rule("'all' or an integer >= 1", typed=True,
+                         ok=lambda v: v == "all" if isinstance(v, str) else _is_int(v) and v >= 1),
+        "IMBALANCE": _choice(("class_weight", "balanced_sampling", "none")),
+        "VOTE": _choice(("hard", "soft", "weighted")),
+        "COHORT": _string("None or an existing CSV file", _existing_file),
+        "PHASE1_THRESHOLD": unit, "UNCERTAINTY_BAND": unit, "CLINICAL_FLAG_RATE": unit,
+        "GRADCAM_IMAGES": _int_min(0),
+    }
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def check_value(name: str, value: Any, default: Any) -> str | None:
+    """Why ``name=value`` is refused, in one line naming what is accepted; None when accepted.
+
+    Args:
+        name: the parameter.
+        value: the value to check.
+        default: the notebook's default (sets the type, and whether None is accepted).
+    """
+    if value is None and (default is None or name in _NONE_OK) or value == "" and name in _EMPTY_IS_NONE:
+        return None
+    rule = rules().get(name)
+    typed = _default_type(default)
+    if rule is None and typed is None:
+        return None  # a parameter no table entry knows, with a None default: anything goes
+    accepts = rule.accepts if rule else f"{typed[1]} (the type of the notebook's default)"
+    wrong_type = typed is not None and not (rule and rule.typed) and not typed[0](value)
+    verdict = False if value is None or wrong_type else (rule.ok(value) if rule else True)
+    if verdict is True:
+        return None
+    why = verdict if isinstance(verdict, str) else ""
+    if "expected" not in why:  # every refusal says what is accepted
+        why += ("; " if why else "") + f"expected {accepts}"
+    return f"{name}={_shown(value)}: {why}"
+
+
+def _holds_image(folder: Path) -> bool:
+    """True at the first image / DICOM / NIfTI file under ``folder`` (names only, nothing decoded)."""
+    from covidlib import io as cio
+
+    exts = config.IMAGE_EXTENSIONS + (".dcm",)
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
+        for fn in filenames:
+            path = Path(dirpath) / fn
+            if fn.startswith("."):
+                continue
+            if path.suffix.lower() in exts or cio.is_nifti_path(path) or (
+                    not path.suffix and cio.is_dicom_file(path)):
+                return True
+    return False
+
+
+def _classes_with_images(folder: Path) -> set[str]:
+    """The labels (or, unmapped, the names) of the class folders of ``folder`` that hold images."""
+    from covidlib.datasets import normalize_class_name, resolve_label
+
+    found = set()
+    for d in sorted(folder.iterdir()):
+        if d.is_dir() and not d.is_symlink() and not d.name.startswith(".") and d.name != "__MACOSX":
+            if _holds_image(d):
+                found.add(resolve_label(d.name) or normalize_class_name(d.name))
+    return found
+
+
+def data_shape(root: Path) -> bool | str:
+    """A cheap look at a local data set: True, or why it cannot be trained on.
+
+    Class-folder and split-folder layouts need >= 2 classes holding images, a ``train`` split
+    folder, and no split folder without images; label files and CSVs are left to ``ingest``.
+    Nothing is decoded: one image file found per class folder is enough.
+    """
+    from covidlib import datasets
+
+    try:
+        # datasets has no public layout detector; its private one is the single source of truth.
+        layout, _ = datasets._detect_layout(root)
+    except (ValueError, OSError) as exc:
+        return " ".join(str(exc).replace(f"{root}: ", "", 1).split())
+    try:
+        if layout == "class_folders":
+            classes = _classes_with_images(root)
+        elif layout == "split_folders":
+            splits = {d.name: _classes_with_images(d) for d in sorted(root.iterdir())
+                      if d.is_dir() and d.name.lower() in datasets.SPLIT_ALIASES}
+        else:
+            return True  # label files and CSVs: ingest checks them
+    except OSError:
+        return True  # an unreadable folder: ingest quarantines it and says so
+    if layout == "split_folders":
+        empty = [name for name, found in splits.items() if not found]
+        if empty:
+            return (f"split folder(s) {empty} hold no class folder with images; fill them, or "
+                    "remove them (a missing val / test split is carved out of train)")
+        if not any(datasets.SPLIT_ALIASES[n.lower()] == "train" for n in splits):
+            return f"split folders {sorted(splits)} but no train split folder; expected train/ (or training/)"
+        classes = set().union(*splits.values())
+    if len(classes) < 2:
+        found = (f"only one class holds images ({sorted(classes)[0]})" if classes
+                 else "no class folder holds images")
+        return (f"{found}; expected at least 2 classes, laid out <root>/<class>/* or "
+                "<root>/<split>/<class>/*")
+    return True
+
+
+def _cross_problems(v: Mapping[str, Any]) -> list[str]:
+    """Problems of parameters that are fine alone but not together."""
+    out = []
+    val, test = v.get("VAL_FRACTION"), v.get("TEST_FRACTION")
+    if _is_number(val) and _is_number(test) and 0 < val < 1 and 0 < test < 1 and val + test >= 1:
+        out.append(f"VAL_FRACTION={val!r} + TEST_FRACTION={test!r}: expected a sum < 1 "
+                   "(train needs the rest)")
+    trained = v.get("BACKBONES")
+    trained = [trained] if isinstance(trained, str) else list(trained or [])
+    if v.get("XRAY_DATASET"):
+        trained.append(v.get("XRAY_BACKBONE"))
+    if v.get("WEIGHTS") == "imagenet" and "SmallCNN" in trained:
+        out.append("WEIGHTS='imagenet': SmallCNN (in BACKBONES or XRAY_BACKBONE) has no ImageNet "
+                   "weights; expected None, or backbones other than SmallCNN")
+    return out
+
+
+def validate(params: Mapping[str, Any], declared: Mapping[str, Mapping[str, Any]]) -> None:
+    """Check every parameter every notebook will receive, before any of them runs.
+
+    Args:
+        params: the user's parameters.
+        declared: ``{notebook step: its parameters cell's defaults}``.
+
+    Raises:
+        ValueError: one line, every problem found, each naming the parameter, its value and
+            what it accepts.
+    """
+    problems = [f"{name}={_shown(params[name])}: covidlib run sets it for each training notebook; "
+                "set BACKBONES (CT models) or XRAY_BACKBONE instead"
+                for name in ("BACKBONE", "MODALITY") if name in params]
+    merged: dict[str, Any] = {}
+    for defaults in declared.values():
+        for name, default in defaults.items():
+            if name in ("BACKBONE", "MODALITY") and name in params:
+                continue
+            value = params.get(name, default)
+            merged.setdefault(name, value)
+            problem = check_value(name, value, default)
+            if problem and problem not in problems:
+                problems.append(problem)
+    problems += _cross_problems(merged)
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def plan(params: dict[str, Any], nb_dir: Path | None = None) -> list[tuple[str, Path, dict]]:
     """The notebooks to run, in order, each with the parameters it receives.
 
+    Every parameter is checked first (:func:`validate`), so a bad value fails here, in one line,
+    not in a notebook.
+
     Returns:
         ``[(label, notebook path, parameters)]``.
+
+    Raises:
+        ValueError: an unknown parameter, or values :func:`validate` refuses.
     """
     nb_dir = nb_dir or notebooks_dir()
     paths = {key: nb_dir / name for key, name in NOTEBOOKS.items()}
@@ -131,8 +480,9 @@ def plan(params: dict[str, Any], nb_dir: Path | None = None) -> list[tuple[str, 
     declared = {key: notebook_parameters(p) for key, p in paths.items()}
     unknown = set(params) - set().union(*declared.values())
     if unknown:
-        raise ValueError(f"unknown parameter(s) {sorted(unknown)}; the notebooks declare "
+        raise ValueError(f"unknown parameter(s) {sorted(unknown, key=str)}; the notebooks declare "
                          f"{sorted(set().union(*declared.values()))}")
+    validate(params, declared)
 
     def value(name: str, key: str) -> Any:
         return params.get(name, declared[key].get(name))
@@ -182,9 +532,9 @@ def describe_step(label: str, params: dict[str, Any], defaults: dict[str, Any]) 
 def _resolve_local_paths(params: dict[str, Any]) -> dict[str, Any]:
     """Relative data paths that exist are made absolute against the user's working folder."""
     out = dict(params)
-    for name in ("DATASET", "XRAY_DATASET", "EXTERNAL_DATASET", "COHORT"):
+    for name in ("DATASET", "XRAY_DATASET", "EXTERNAL_DATASET", "COHORT", "WEIGHTS"):
         value = out.get(name)
-        if isinstance(value, str) and value and Path(value).expanduser().exists():
+        if isinstance(value, str) and value and value != "imagenet" and Path(value).expanduser().exists():
             out[name] = str(Path(value).expanduser().resolve())
     return out
 
@@ -274,9 +624,13 @@ def run(params: dict[str, Any] | None = None, *, nb_dir: Path | None = None,
         verbose: show everything the kernels print.
 
     Raises:
+        ValueError: a parameter is refused (one line; nothing has run).
         NotebookError: a cell failed (the message names the notebook, cell and exception).
     """
     params = _resolve_local_paths(dict(params or {}))
+    problem = check_value("RUN_DIR", params.get("RUN_DIR"), None)  # before it becomes a Path
+    if problem:
+        raise ValueError(problem)
     run_dir = resolve_run_dir(params.get("RUN_DIR"))
     params["RUN_DIR"] = str(run_dir)
     steps = plan(params, nb_dir)

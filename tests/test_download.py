@@ -10,7 +10,9 @@ import socket
 import sys
 import tarfile
 import threading
+import time
 import types
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -216,6 +218,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.path.endswith("/missing"):
             self.send_error(404)
             return
+        if self.path.endswith("/drip"):  # promise 1000 bytes, send one every 0.2 s (50 at most)
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self._drip(b"x" * 50)
+            return
+        if self.path.endswith("/drip-headers"):  # even the status line comes a byte at a time
+            self.close_connection = True
+            self._drip(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nX-Slow: " + b"y" * 45)
+            return
         if self.path.endswith("/drop"):  # promise everything, send half, hang up
             self.send_response(200)
             self.send_header("Content-Length", str(len(self.data)))
@@ -242,6 +254,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _drip(self, data: bytes) -> None:
+        for i in range(len(data)):  # bounded: stops by itself after 10 s, or when the client left
+            try:
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(0.2)
 
     def log_message(self, *args):
         pass
@@ -322,6 +343,35 @@ def test_download_http_error_and_offline(server, tmp_path):
     assert not (tmp_path / "x.zip").exists()
     with pytest.raises(ValueError):
         download_https("file:///etc/passwd", tmp_path / "p")
+
+
+def test_dripping_server_hits_the_total_deadline(server, tmp_path):
+    # One byte every 0.2 s never trips the 3 s idle timeout: the deadline stops it.
+    dest = tmp_path / "slow.bin"
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError, match=r"total deadline of 1\.5 s passed \(deadline\)"):
+        download_https(f"{server}/drip", dest, timeout=3, deadline=1.5, min_rate=None)
+    assert time.monotonic() - t0 < 4
+    assert not dest.exists() and dest.with_name("slow.bin.part").stat().st_size >= 1  # resumable
+
+
+def test_dripping_headers_hit_the_total_deadline(server, tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError, match=r"deadline of 1 s passed \(deadline\)"):
+        download_https(f"{server}/drip-headers", tmp_path / "h.bin", timeout=3, deadline=1)
+    assert time.monotonic() - t0 < 4
+
+
+def test_dripping_server_is_below_the_minimum_rate(server, tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError, match=r"below the minimum rate of 1,000 bytes/s \(min_rate\)"):
+        download_https(f"{server}/drip", tmp_path / "slow.bin", timeout=3, deadline=None,
+                       min_rate=1000, rate_grace=0.5)
+    assert time.monotonic() - t0 < 4
+    # A fast server passes the same limits.
+    got = download_https(f"{server}/file.bin", tmp_path / "fast.bin", timeout=3, deadline=30,
+                         min_rate=1000, rate_grace=0.0)
+    assert got.read_bytes() == PAYLOAD
 
 
 def test_https_dataset_with_inner_archives(server, tmp_path, monkeypatch):
@@ -473,3 +523,107 @@ def test_not_an_archive(tmp_path):
 def test_module_import_is_light():
     code = "import sys, covidlib.download; sys.exit(int('keras' in sys.modules or 'tensorflow' in sys.modules))"
     assert os.system(f'"{sys.executable}" -c "{code}"') == 0
+
+
+# ---- archive bombs, free space, names ----------------------------------------------------------
+
+def test_compression_ratio_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(download, "RATIO_FLOOR", 1_000_000)  # so a 5 MB bomb is enough
+    z = _zip(tmp_path / "bomb.zip", {"zeros.bin": b"\0" * 5_000_000})  # ~1000:1
+    with pytest.raises(UnsafeArchiveError, match=r"expands [\d,]+x .* 200x compression-ratio limit"):
+        safe_extract(z, tmp_path / "out")
+    # Whole-archive ratio: many members, none alone above the floor.
+    z = _zip(tmp_path / "many.zip", {f"z{i}.bin": b"\0" * 400_000 for i in range(5)})
+    with pytest.raises(UnsafeArchiveError, match=r"would expand [\d,]+x .* compression-ratio limit"):
+        safe_extract(z, tmp_path / "out")
+    # One bomb member hidden among incompressible ones: the per-member ratio catches it.
+    z = _zip(tmp_path / "mixed.zip", {"noise.bin": os.urandom(3_000_000), "zeros.bin": b"\0" * 2_000_000})
+    with pytest.raises(UnsafeArchiveError, match=r"member 'zeros.bin' expands"):
+        safe_extract(z, tmp_path / "out")
+    t = _tar(tmp_path / "bomb.tar.gz", [("zeros.bin", b"\0" * 5_000_000)])
+    with pytest.raises(UnsafeArchiveError, match="compression-ratio limit"):
+        safe_extract(t, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.tar.gz", "bomb.zip", "many.zip", "mixed.zip"]
+    # Small, very compressible archives (text, masks) stay below the floor; max_ratio=None lifts it.
+    assert (safe_extract(z, tmp_path / "ok", max_ratio=None) / "zeros.bin").stat().st_size == 2_000_000
+    monkeypatch.setattr(download, "RATIO_FLOOR", 64 * 1024**2)
+    assert (safe_extract(tmp_path / "bomb.zip", tmp_path / "ok2") / "zeros.bin").is_file()
+
+
+def test_ratio_limit_on_actual_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(download, "RATIO_FLOOR", 1_000_000)
+    z = _zip(tmp_path / "lie.zip", {"a.bin": b"\0" * 3_000_000})
+    real = download._zip_members
+
+    def lying(zf):  # claims one byte, so only the bytes written can tell
+        for name, kind, size, ref in real(zf):
+            yield name, kind, 1, types.SimpleNamespace()
+
+    monkeypatch.setattr(download, "_zip_members", lying)
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, ref: io.BytesIO(b"\0" * 3_000_000))
+    with pytest.raises(UnsafeArchiveError, match=r"actual data.*compression-ratio limit"):
+        safe_extract(z, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lie.zip"]
+
+
+def test_default_size_cap_is_the_free_space(tmp_path, monkeypatch):
+    z = _zip(tmp_path / "a.zip", {"noise.bin": os.urandom(3_000_000)})
+    usage = types.SimpleNamespace(total=10**12, used=0, free=download.FREE_SPACE_MARGIN + 1_000_000)
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda path: usage)
+    with pytest.raises(UnsafeArchiveError, match=r"more than 1,000,000 bytes .*the free space of"):
+        safe_extract(z, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert (safe_extract(z, tmp_path / "out", max_bytes=5_000_000) / "noise.bin").is_file()
+
+
+def _zip_entries(path: Path, entries: list[tuple[str, bytes]]) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name we want
+        with zipfile.ZipFile(path, "w") as z:
+            for name, data in entries:
+                z.writestr(name, data)
+    return path
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([("data/a.png", b"1"), ("data/a.png", b"2")], "appears twice"),
+    ([("data/./a.png", b"1"), ("data//a.png", b"2")], "appears twice"),
+    ([("data/a", b"1"), ("data/a/b.png", b"2")], "needs 'data/a' to be a folder"),
+    ([("data/a/", b""), ("data/a", b"1")], "is a file, but earlier members make it a folder"),
+    ([("data/a/b.png", b"1"), ("data/a", b"1")], "is a file, but earlier members make it a folder"),
+    ([("data/a", b"1"), ("data/a/", b"")], "is a folder, but an earlier member is a file"),
+    ([("d/" + "x" * 256 + ".png", b"1")], "name component of 260 bytes; file systems allow 255"),
+    ([("d/" + "é" * 127 + ".png", b"1")], "name component of 258 bytes"),
+    ([("/".join(["y" * 200] * 21), b"1")], "would make a path of .* bytes; the system allows 4096"),
+])
+def test_clashing_and_overlong_names_are_refused(tmp_path, entries, message):
+    z = _zip_entries(tmp_path / "bad.zip", entries)
+    with pytest.raises(UnsafeArchiveError, match=message):
+        safe_extract(z, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.zip"]
+
+
+def test_tar_duplicates_and_file_then_folder_are_refused(tmp_path):
+    t = _tar(tmp_path / "dup.tar.gz", [("a.txt", b"1"), ("./a.txt", b"2")])
+    with pytest.raises(UnsafeArchiveError, match="appears twice"):
+        safe_extract(t, tmp_path / "out")
+    t = _tar(tmp_path / "clash.tar.gz", [("a", b"1"), ("a/b.txt", b"2")])
+    with pytest.raises(UnsafeArchiveError, match="needs 'a' to be a folder"):
+        safe_extract(t, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_write_failure_is_one_clear_error(tmp_path, monkeypatch):
+    z = _zip(tmp_path / "a.zip", {"data/a.png": b"1"})
+    real_open = open
+
+    def full_disk(path, mode="r", *args, **kw):
+        if "x" in mode:
+            raise OSError(28, "No space left on device")
+        return real_open(path, mode, *args, **kw)
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    with pytest.raises(DownloadError, match=r"cannot write member 'data/a.png': No space left on device"):
+        safe_extract(z, tmp_path / "out")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip"]
