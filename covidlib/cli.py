@@ -14,18 +14,51 @@ from pathlib import Path
 from typing import Sequence
 
 
+def _yaml_loader():
+    """A safe YAML loader that also reads ``1e-4`` as a number (YAML 1.1 needs ``1.0e-4``)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+                   r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?)$"), list("-+0123456789."))
+    return Loader
+
+
+def _read_params_file(path: str) -> dict:
+    """A ``--params`` YAML file as ``{NAME: value}``; any problem is one ``ValueError`` line."""
+    import yaml
+
+    try:
+        loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_yaml_loader()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ValueError(f"{path}: not valid YAML: {what}{where}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (expected YAML, NAME: value per line)") from None
+    except OSError as exc:
+        raise ValueError(f"--params {path}: cannot read it ({exc.strerror or exc})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of NAME: value, got a {type(loaded).__name__}")
+    bad = [k for k in loaded if not isinstance(k, str)]
+    if bad:
+        raise ValueError(f"{path}: parameter names must be words like EPOCHS, got {bad[:3]}")
+    return loaded
+
+
 def _params(args: argparse.Namespace) -> dict:
     from covidlib.runner import parse_value
 
     params: dict = {}
     if args.params:
-        import yaml
-
-        text = Path(args.params).read_text()
-        loaded = yaml.safe_load(text) or {}
-        if not isinstance(loaded, dict):
-            raise SystemExit(f"{args.params}: expected a mapping of NAME: value")
-        params.update(loaded)
+        params.update(_read_params_file(args.params))
     for name, value in args.p or []:
         params[name] = parse_value(value)
     return params
@@ -61,15 +94,20 @@ def cmd_download(args: argparse.Namespace) -> int:
         print(download.registry_table())
         return 0
     if not args.name:
-        raise SystemExit("name a data set (see --list)")
+        raise ValueError("name a data set (see covidlib download --list)")
     print(download.resolve(args.name, dest=args.dest))
     return 0
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from covidlib import audit, datasets
+    from covidlib.fsutil import check_output_path
 
     src = Path(args.source)
+    if args.out:  # before the (long) ingest and audit: their results must have somewhere to go
+        # A covidlib manifest sits in a run folder, not among the images: only never over it.
+        inside = args.allow_inside_input or (args.manifest and src.suffix == ".csv")
+        check_output_path(args.out, [src], kind="file", what="--out", text=True, allow_inside_input=inside)
     if src.suffix == ".csv" and args.manifest:
         manifest, quarantine = datasets.read_manifest(src), []
     else:
@@ -91,12 +129,15 @@ def cmd_enhance(args: argparse.Namespace) -> int:
 
     summary = enhance.enhance_tree(args.src, args.dst, pipeline=args.pipeline, workers=args.workers,
                                    progress=not args.quiet, modality=args.modality,
-                                   overwrite=args.overwrite)
+                                   overwrite=args.overwrite, allow_inside_input=args.allow_inside_input)
     short = {k: v for k, v in summary.items() if k != "failed"}
     print(json.dumps(short, indent=2, default=str))
     failed = summary.get("failed") or []
     if failed:
-        print(f"{len(failed)} file(s) could not be read; see {Path(args.dst) / 'enhance_failures.csv'}",
+        folders = len(summary.get("unreadable_folders") or [])
+        counts = ((len(failed) - folders, "file(s)"), (folders, "folder(s)"))
+        parts = [f"{n} {kind}" for n, kind in counts if n]
+        print(f"{' and '.join(parts)} could not be read; see {Path(args.dst) / 'enhance_failures.csv'}",
               file=sys.stderr)
     return 0
 
@@ -149,18 +190,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from covidlib import runner, predict
 
+    # Output paths before any model is loaded: computed predictions are never lost to a bad --out.
+    inside = args.allow_inside_input
+    out, _ = predict.check_outputs(args.paths, out=args.out, gradcam_dir=args.gradcam,
+                                   allow_inside_input=inside)
     # With --model-dir alone there is no run; with --run-dir too, the run still supplies vote weights.
     run_dir = None if args.model_dir and not args.run_dir else runner.resolve_run_dir(args.run_dir)
     df = predict.predict_paths(args.paths, run_dir, args.model_dir, vote=args.vote,
                                gradcam_dir=args.gradcam, batch_size=args.batch_size,
-                               window=args.window, enhanced=args.already_enhanced)
-    out = predict.write_predictions(df, args.out)
+                               window=args.window, enhanced=args.already_enhanced,
+                               allow_inside_input=inside)
+    out = _write_predictions_or_rescue(predict, df, out, inside)
     print(predict.format_table(df))
     print(f"{df.attrs['vote']} vote of {', '.join(df.attrs['members'])}; written: {out}")
     n_err = int((df["error"] != "").sum())
     if n_err:
-        print(f"{n_err} input(s) could not be read; see the error column of {out}", file=sys.stderr)
+        print(f"{n_err} input(s) could not be read or were refused (too small, blank, an unreadable "
+              f"folder); see the error column of {out}", file=sys.stderr)
     return 0
+
+
+def _write_predictions_or_rescue(predict, df, out: Path, inside: bool) -> Path:
+    """Write the CSV; if that fails after all (disk full), save it in the temp folder instead."""
+    import os
+    import tempfile
+
+    try:
+        return predict.write_predictions(df, out, allow_inside_input=inside)
+    except OSError as exc:
+        rescue = Path(tempfile.gettempdir()) / f"covidlib-predictions-{os.getpid()}.csv"
+        predict.write_predictions(df, rescue, allow_inside_input=True)  # an emergency copy
+        raise OSError(f"could not write {out} ({exc.strerror or exc}); the predictions were saved to "
+                      f"{rescue} instead") from None
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -180,7 +241,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if missing:
             formats.remove("onnx")
             print(f"skipping onnx: {missing}", file=sys.stderr)
-    paths = export.export_model(src, args.out, formats=formats)
+    paths = export.export_model(src, args.out, formats=formats, allow_inside_input=args.allow_inside_input)
     for fmt, path in paths.items():
         print(f"{fmt:<10} {path}")
     if args.no_verify:
@@ -249,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patient-pattern", help="regex extracting patient_id from file names")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the audit JSON here")
+    p.add_argument("--allow-inside-input", action="store_true",
+                   help="allow writing the output inside (or beside) the input; refused by default "
+                        "so that results never mix with the data")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("enhance", help="enhance a folder or manifest into a mirrored copy",
@@ -262,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default="ct", choices=["ct", "xray"])
     p.add_argument("--overwrite", action="store_true", help="redo DST made with other parameters")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--allow-inside-input", action="store_true",
+                   help="allow writing the output inside (or beside) the input; refused by default "
+                        "so that results never mix with the data")
     p.set_defaults(func=cmd_enhance)
 
     nb = "default: notebook {} parameters cell"
@@ -321,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", default="lung", help="CT window for DICOM/NIfTI: lung, mediastinum, bone")
     p.add_argument("--already-enhanced", action="store_true",
                    help="inputs already went through the run's enhancement; do not apply it again")
+    p.add_argument("--allow-inside-input", action="store_true",
+                   help="allow writing the output inside (or beside) the input; refused by default "
+                        "so that results never mix with the data")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a trained model or the ensemble (SavedModel/TFLite/ONNX)",
@@ -337,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-4, help="largest accepted difference (default 1e-4)")
     p.add_argument("--verify-n", type=int, default=4, help="test images for the check (default 4)")
     p.add_argument("--no-verify", action="store_true", help="skip the check against the Keras model")
+    p.add_argument("--allow-inside-input", action="store_true",
+                   help="allow writing the output inside (or beside) the input; refused by default "
+                        "so that results never mix with the data")
     p.set_defaults(func=cmd_export)
     return parser
 
@@ -347,11 +420,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        # Bad input gets one clear line, not a traceback (COVIDLIB_DEBUG=1 shows it).
+    except (ValueError, RuntimeError, OSError) as exc:
+        # Bad input gets one clear line, not a traceback (COVIDLIB_DEBUG=1 shows it). OSError
+        # covers a missing file and also an output that is a folder / not writable / full.
         import os
 
         if os.environ.get("COVIDLIB_DEBUG"):
             raise
-        print(f"covidlib {args.command}: error: {exc}", file=sys.stderr)
+        print(f"covidlib {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    """``exc`` as one line; a bare OSError reads "path: reason" rather than "[Errno 13] ..."."""
+    if isinstance(exc, OSError) and len(exc.args) >= 2 and isinstance(exc.args[0], int) and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    else:
+        text = str(exc)
+    return " ".join(text.split())

@@ -416,12 +416,23 @@ def _is_junk(name: str) -> bool:
     return name.startswith(".") or name.lower() in _JUNK_FILES
 
 
+_UNREADABLE_FOLDER = "folder could not be read"
+
+
+def _unreadable_folder(quarantine: list[dict], err: OSError, fallback: Path) -> None:
+    """Quarantine a folder that cannot be listed: walkers skip such folders silently otherwise,
+    and its images would be missing without a word."""
+    reason = f"{_UNREADABLE_FOLDER} ({err.strerror or err}): its images are not in the manifest"
+    quarantine.append({"path": str(err.filename or fallback), "reason": reason})
+
+
 def _walk_class_folder(
     class_dir: Path, root: Path, cls: str, split: str | None, quarantine: list[dict], notes: Counter
 ) -> list[_Item]:
     """Every image / DICOM / NIfTI file under one class folder (recursive)."""
     items: list[_Item] = []
-    for dirpath, dirnames, filenames in os.walk(class_dir):
+    for dirpath, dirnames, filenames in os.walk(
+            class_dir, onerror=lambda e: _unreadable_folder(quarantine, e, class_dir)):
         d = Path(dirpath)
         keep = []
         for dn in sorted(dirnames):
@@ -462,12 +473,17 @@ def _collect_class_folders(root: Path, quarantine: list[dict], notes: Counter, s
                            base: Path | None = None) -> list[_Item]:
     base = base or root
     items = []
-    loose = [p for p in sorted(root.iterdir()) if p.is_file() and not _is_junk(p.name)
-             and (p.suffix.lower() in config.IMAGE_EXTENSIONS or p.suffix.lower() == ".dcm" or cio.is_nifti_path(p))]
-    if loose:
-        for p in loose:
-            quarantine.append({"path": str(p), "reason": "image outside any class folder: its class is unknown"})
-    for d in _visible_dirs(root):
+    try:
+        loose = [p for p in sorted(root.iterdir()) if p.is_file() and not _is_junk(p.name)
+                 and (p.suffix.lower() in config.IMAGE_EXTENSIONS or p.suffix.lower() == ".dcm"
+                      or cio.is_nifti_path(p))]
+        dirs = _visible_dirs(root)
+    except OSError as e:  # e.g. a split folder without read permission
+        _unreadable_folder(quarantine, e, root)
+        return []
+    for p in loose:
+        quarantine.append({"path": str(p), "reason": "image outside any class folder: its class is unknown"})
+    for d in dirs:
         if d.is_symlink():
             notes["symlinked folders are not followed"] += 1
             continue
@@ -499,11 +515,13 @@ def _collect_split_folders(root: Path, quarantine: list[dict], notes: Counter, w
     return items
 
 
-def _index_files(root: Path, exts: Iterable[str]) -> dict[str, list[Path]]:
-    """file name -> paths, over the whole tree (one walk)."""
+def _index_files(root: Path, exts: Iterable[str],
+                 quarantine: list[dict] | None = None) -> dict[str, list[Path]]:
+    """file name -> paths, over the whole tree (one walk); unlistable folders are quarantined."""
     exts = tuple(exts)
     index: dict[str, list[Path]] = defaultdict(list)
-    for dirpath, dirnames, filenames in os.walk(root):
+    onerror = None if quarantine is None else (lambda e: _unreadable_folder(quarantine, e, root))
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for fn in filenames:
             if fn.lower().endswith(exts):
@@ -547,7 +565,7 @@ def _parse_covidx_line(parts: list[str]) -> dict | None:
 
 def _collect_covidx(root: Path, files: list[Path], quarantine, warn: list[str], aliases) -> list[_Item]:
     base = root if root.is_dir() else root.parent
-    index = _index_files(base, config.IMAGE_EXTENSIONS)
+    index = _index_files(base, config.IMAGE_EXTENSIONS, quarantine)
     items = []
     numeric_map = {**COVIDX_CT_CLASSES}
     for lf in files:
@@ -581,7 +599,7 @@ def _collect_ucsd(root: Path, files: list[Path], quarantine, aliases) -> list[_I
     search = base
     if root.is_file():
         search = base.parent.parent if base.parent.parent.exists() else base
-    index = _index_files(search, config.IMAGE_EXTENSIONS)
+    index = _index_files(search, config.IMAGE_EXTENSIONS, quarantine)
     items = []
     for lf in files:
         m = _UCSD_LIST.match(lf.name)
@@ -1313,6 +1331,10 @@ def ingest(
         items = present
     for msg, n in note_counts.items():
         notes.append(msg if n == 1 else f"{msg} (x{n})")
+    unread = [q for q in quarantine if q["reason"].startswith(_UNREADABLE_FOLDER)]
+    if unread:
+        warn.append(f"{len(unread)} folder(s) could not be read (e.g. {unread[0]['path']}: "
+                    f"{unread[0]['reason']}); images in them are missing from the manifest")
 
     if not items:
         raise ValueError(

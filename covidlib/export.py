@@ -69,12 +69,16 @@ class ExportMismatchError(ValueError):
 def load_exportable(model_or_path: Any) -> tuple[Any, Path | None]:
     """``(model, its folder or None)`` from a keras.Model, a ``.keras`` file or a model folder.
 
-    Files are loaded with :func:`covidlib.models.load_model` (Keras safe mode).
+    Files are checked before they are trusted: the archive must be complete
+    (:func:`covidlib.runs.check_keras_file`), and a folder's ``labels.json`` / ``config.json``
+    must agree with each other and with the model (:func:`_check_folder`). They are loaded with
+    :func:`covidlib.models.load_model` (Keras safe mode).
     """
     import keras
 
     from covidlib import ensemble  # noqa: F401 - registers VoteLayer for ensemble files
     from covidlib.models import load_model
+    from covidlib.runs import check_keras_file
 
     if isinstance(model_or_path, keras.Model):
         return model_or_path, None
@@ -83,7 +87,23 @@ def load_exportable(model_or_path: Any) -> tuple[Any, Path | None]:
         p = p / "model.keras"
     if not p.is_file():
         raise FileNotFoundError(f"no model at {model_or_path} (expected a .keras file or a folder holding model.keras)")
-    return load_model(p), p.parent
+    check_keras_file(p)
+    model = load_model(p)
+    _check_folder(model, p.parent)
+    return model, p.parent
+
+
+def _check_folder(model: Any, folder: Path) -> None:
+    """The labels.json that travels with the export must name the model's outputs correctly."""
+    from covidlib import runs
+
+    if not (folder / "labels.json").is_file():
+        return
+    labels = runs.read_labels(folder)
+    cfg = runs.read_config(folder) if (folder / "config.json").is_file() else {}
+    runs.check_classes(labels, cfg, folder)
+    size = runs.check_img_size(cfg, folder) if "img_size" in cfg else None
+    runs.check_model_io(model, len(labels), size, folder)
 
 
 def _check_image_model(model: Any) -> tuple[int, ...]:
@@ -243,10 +263,58 @@ def _export_onnx(wrapper: Any, dst: Path) -> None:
             tmp.unlink()
 
 
+def _source_dir(model_dir_or_file: Any) -> Path | None:
+    """The folder a model comes from (no loading), or None for an in-memory model."""
+    if not isinstance(model_dir_or_file, (str, os.PathLike)):
+        return None
+    p = Path(model_dir_or_file)
+    if not p.exists():
+        return None  # load_exportable says "no model at ..."
+    return p if p.is_dir() else p.parent
+
+
+def _check_artifact(path: Path, fmt: str) -> None:
+    """An artifact already there is replaced only by the same kind of thing."""
+    from covidlib.fsutil import UnsafeOutputError
+
+    if not os.path.lexists(path):
+        return
+    if fmt == "savedmodel":
+        ok = path.is_dir() and ((path / "saved_model.pb").is_file() or not any(path.iterdir()))
+    elif fmt == "tflite":
+        ok = path.is_file() and (path.stat().st_size == 0 or path.read_bytes()[4:8] == b"TFL3")
+    else:
+        ok = path.is_file()
+    if not ok:
+        raise UnsafeOutputError(f"{path} exists and is not a {fmt} export; refusing to replace it "
+                                "(choose another output folder)")
+
+
+def check_export_out(out_dir: str | os.PathLike, model_dir_or_file: Any, formats: Iterable[str],
+                     allow_inside_input: bool = False) -> Path:
+    """Check the export folder before anything is loaded or converted.
+
+    Refused: the model's own folder, a folder inside it (unless ``allow_inside_input``), a file,
+    an unwritable folder, and artifacts already there that are another kind of file.
+    """
+    from covidlib.fsutil import check_output_path
+
+    src = _source_dir(model_dir_or_file)
+    out = check_output_path(out_dir, [src] if src is not None else [], kind="dir",
+                            what="export folder", allow_inside_input=allow_inside_input)
+    for fmt in formats:
+        _check_artifact(out / ARTIFACT_NAMES[fmt], fmt)
+    for name in ("labels.json", "export.json"):
+        check_output_path(out / name, kind="file", what="export file", text=True)
+    return out
+
+
 def export_model(
     model_dir_or_file: Any,
     out_dir: str | os.PathLike,
     formats: Iterable[str] = FORMATS,
+    *,
+    allow_inside_input: bool = False,
 ) -> dict[str, Path]:
     """Export a model to SavedModel / TFLite / ONNX.
 
@@ -257,12 +325,15 @@ def export_model(
             ``model.onnx``, plus ``labels.json`` (copied when the source folder has one) and
             ``export.json`` (input name/shape, formats, source).
         formats: any of :data:`FORMATS`.
+        allow_inside_input: the user asked explicitly for ``out_dir`` inside the model's folder.
 
     Returns:
         ``{format: path}`` for every format written.
 
     Raises:
-        ValueError: unknown format or a model that is not one-image-in, one-output.
+        ValueError: unknown format, a model that is not one-image-in, one-output, a model folder
+            whose files disagree (:class:`covidlib.runs.ModelFolderError`), an unsafe ``out_dir``
+            (:func:`check_export_out`).
         FileNotFoundError: no model at the given path.
         ExportError: a format could not be produced (e.g. the ONNX toolchain is not installed);
             the formats before it in ``formats`` are already written.
@@ -271,10 +342,10 @@ def export_model(
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ValueError(f"unknown export format(s) {unknown or formats}; choose from {list(FORMATS)}")
+    out = check_export_out(out_dir, model_dir_or_file, formats, allow_inside_input)
     model, src_dir = load_exportable(model_dir_or_file)
     shape = _check_image_model(model)
     wrapper = inference_model(_as_float32(model))
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     written: dict[str, Path] = {}

@@ -4,6 +4,11 @@ A crash or a kill must never leave a half-written file under its final name: dat
 uniquely named temporary file in the same folder, then ``os.replace`` (atomic on POSIX and
 Windows) moves it into place. The temporary file is created with mode 0o666 (not with
 ``mkstemp``'s 0o600), so the result gets the usual umask permissions.
+
+:func:`check_output_path` is the one rule for where a command may write, checked before any work:
+never over an input, never a file where a folder is (or the reverse), never a text result over a
+scan, never into / beside the inputs unless the user asked explicitly (``--allow-inside-input``),
+never into a folder that cannot be written.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import itertools
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 # pid + a per-import random token + a counter: unique across processes, threads (next() on
 # itertools.count is atomic under the GIL) and hosts sharing a network folder, without the
@@ -81,3 +86,127 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, suffix: str = ".
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically; return the path."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------------------------
+# Output paths: checked before any work starts
+# --------------------------------------------------------------------------------------------
+
+
+class UnsafeOutputError(ValueError):
+    """An output path would write into, over or beside the inputs, or replace another kind of file."""
+
+
+INSIDE_INPUT_HINT = "choose a path outside the input, or pass --allow-inside-input (allow_inside_input=True)"
+
+
+def _real(p: str | os.PathLike) -> Path:
+    """Absolute path with symbolic links resolved (also for paths that do not exist yet)."""
+    return Path(os.path.realpath(os.path.expanduser(os.fspath(p))))
+
+
+def _within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def _looks_like_text(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    if b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:  # a multi-byte character cut at 4096 is still text
+        return e.start >= len(head) - 3
+    return True
+
+
+def _protected(inputs: Iterable[str | os.PathLike]) -> list[tuple[Path, Path, str]]:
+    """(real input, folder no output may enter, description) per existing input."""
+    out = []
+    for raw in inputs:
+        real = _real(raw)
+        if real.is_dir():
+            out.append((real, real, f"the input folder {raw}"))
+        elif real.exists():
+            out.append((real, real.parent, f"the folder holding the input {raw}"))
+    return out
+
+
+def _check_kind(p: Path, kind: str, what: str, text: bool) -> None:
+    if kind == "dir":
+        if p.exists() and not p.is_dir():
+            raise UnsafeOutputError(f"{what} {p} is a file, not a folder; refusing to write a folder over it")
+        return
+    if p.is_dir():
+        raise UnsafeOutputError(f"{what} {p} is a folder; give a file name (e.g. {p / 'predictions.csv'})")
+    if text and p.exists() and p.stat().st_size > 0 and not _looks_like_text(p):
+        raise UnsafeOutputError(f"{what} {p} exists and is not a text file (an image or other data?); "
+                                "refusing to replace it with a different kind of file")
+
+
+def _check_writable(p: Path, what: str) -> None:
+    """The nearest existing folder on the way to ``p`` must be a folder we can write into."""
+    anc = p if p.is_dir() else p.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise UnsafeOutputError(f"{what} {p}: {anc} is a file, so no folder can be made there")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {p}: the folder {anc} is not writable (read-only or no permission)")
+
+
+def check_output_path(
+    path: str | os.PathLike,
+    inputs: Iterable[str | os.PathLike] = (),
+    *,
+    kind: str = "file",
+    what: str = "output",
+    text: bool = False,
+    allow_inside_input: bool = False,
+) -> Path:
+    """Refuse an output path that would destroy or pollute the inputs; call it before any work.
+
+    Refused always: an output that is an input file, a file output that is a folder, a folder
+    output that is a file, a ``text`` output over an existing non-text file (a scan), a folder
+    that cannot be written. Refused unless ``allow_inside_input``: an output inside an input
+    folder or beside an input file (in the folder that holds it), and a folder output that
+    holds an input.
+
+    Args:
+        path: the output file or folder.
+        inputs: the command's input files / folders (missing ones are ignored).
+        kind: ``"file"`` or ``"dir"``.
+        what: how the message names the output (``"--out"``).
+        text: the output is a text file (CSV / JSON).
+        allow_inside_input: the user asked explicitly to write inside the input.
+
+    Returns:
+        ``path`` with ``~`` expanded.
+
+    Raises:
+        UnsafeOutputError (a ValueError): refused, with the reason. PermissionError: not writable.
+    """
+    if kind not in ("file", "dir"):
+        raise ValueError(f"kind must be 'file' or 'dir', got {kind!r}")
+    p = Path(os.path.expanduser(os.fspath(path)))
+    real = _real(p)
+    for inp, folder, desc in _protected(inputs):
+        if real == inp and not inp.is_dir():
+            raise UnsafeOutputError(f"{what} {p} is an input file; refusing to overwrite it")
+        if real == inp:
+            raise UnsafeOutputError(f"{what} {p} is {desc}; refusing to write into it")
+        if allow_inside_input:
+            continue
+        if _within(real, folder):
+            raise UnsafeOutputError(f"{what} {p} lies inside {desc}: the outputs would mix with the "
+                                    f"data; {INSIDE_INPUT_HINT}")
+        if kind == "dir" and _within(inp, real):
+            raise UnsafeOutputError(f"{what} {p} holds {desc}: the outputs would mix with the data; "
+                                    f"{INSIDE_INPUT_HINT}")
+    _check_kind(p, kind, what, text)
+    _check_writable(p, what)
+    return p

@@ -17,12 +17,17 @@ Every failure is an :class:`ImageReadError` (a ``ValueError``) that names the fi
 Files are only ever read; nothing here writes to disk.
 
 Decoding goes by the bytes, not the extension (``np.fromfile`` + ``cv2.imdecode``, which also makes
-non-ASCII paths work on every OS): a PNG saved as ``.bmp`` reads fine. Image dimensions are checked
-from the file header *before* decoding, so a "decompression bomb" header is rejected instead of
-allocating gigabytes (:data:`MAX_IMAGE_PIXELS`).
+non-ASCII paths work on every OS): a PNG saved as ``.bmp`` reads fine. Every format's size is
+checked from its header *before* decoding, so a "decompression bomb" is rejected, with its declared
+size in the reason, instead of allocating gigabytes: PNG / JPEG / BMP / TIFF and BigTIFF (the IFD
+wherever it sits) against :data:`MAX_IMAGE_PIXELS`; DICOM (Rows x Columns x NumberOfFrames, also
+compressed transfer syntaxes) and NIfTI (header shape) against :data:`MAX_IMAGE_PIXELS` per slice
+and :data:`MAX_VOLUME_VOXELS` per volume. A JPEG cut short with its end marker put back (which
+libjpeg decodes "fine", gray from the cut on) is refused as truncated.
 """
 from __future__ import annotations
 
+import math
 import os
 import stat
 import struct
@@ -39,6 +44,7 @@ __all__ = [
     "ImageNotFoundError",
     "WINDOWS",
     "MAX_IMAGE_PIXELS",
+    "MAX_VOLUME_VOXELS",
     "MIN_IMAGE_SIDE",
     "read_image",
     "read_dicom",
@@ -64,6 +70,11 @@ WINDOWS: dict[str, tuple[float, float]] = {
 #: Largest image (width x height) :func:`read_image` agrees to decode. A chest X-ray is ~4k x 4k
 #: (16 Mpx); anything past ~134 Mpx (11585^2) is a corrupt or malicious header, not a radiograph.
 MAX_IMAGE_PIXELS: int = 2**27
+
+#: Largest volume (voxels, all slices / frames together) a NIfTI file or multi-frame DICOM may
+#: declare: twice the image cap, 2**28 (512 x 512 x 1024 slices; 1 GB as float32). Every slice
+#: must also stay within :data:`MAX_IMAGE_PIXELS`. Checked from the header, before decoding.
+MAX_VOLUME_VOXELS: int = 2 * MAX_IMAGE_PIXELS
 
 #: Smallest side :func:`image_problem` accepts for a training image (a 1x1 "image" is an export bug).
 MIN_IMAGE_SIDE: int = 16
@@ -177,6 +188,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of the first page of a classic TIFF or a BigTIFF, from its first IFD."""
     if data[:2] == b"II":
         end = "<"
     elif data[:2] == b"MM":
@@ -184,31 +196,31 @@ def _tiff_size(data: bytes) -> tuple[int, int] | None:
     else:
         return None
     (magic,) = struct.unpack(end + "H", data[2:4])
-    if magic != 42:  # BigTIFF (43): leave the check to the decoder
+    if magic == 42:  # classic: 4-byte offsets, 2-byte entry count, 12-byte entries
+        (off,) = struct.unpack(end + "I", data[4:8])
+        count_fmt, entry, value_at = "H", 12, 8
+    elif magic == 43:  # BigTIFF: 8-byte offsets, 8-byte entry count, 20-byte entries
+        (off,) = struct.unpack(end + "Q", data[8:16])
+        count_fmt, entry, value_at = "Q", 20, 12
+    else:
         return None
-    (off,) = struct.unpack(end + "I", data[4:8])
-    if off + 2 > len(data):
+    head = struct.calcsize(count_fmt)
+    if off + head > len(data):
         return None
-    (count,) = struct.unpack(end + "H", data[off : off + 2])
-    w = h = None
-    for k in range(min(count, 512)):
-        e = off + 2 + 12 * k
-        if e + 12 > len(data):
+    (count,) = struct.unpack(end + count_fmt, data[off : off + head])
+    value_fmt = {3: "H", 4: "I", 16: "Q"}  # SHORT, LONG, LONG8: the value sits in the entry
+    size: dict[int, int] = {}
+    for k in range(min(count, 4096)):
+        e = off + head + entry * k
+        if e + entry > len(data):
             break
         tag, typ = struct.unpack(end + "HH", data[e : e + 4])
-        if tag in (256, 257):
-            val = (
-                struct.unpack(end + "H", data[e + 8 : e + 10])[0]
-                if typ == 3
-                else struct.unpack(end + "I", data[e + 8 : e + 12])[0]
-            )
-            if tag == 256:
-                w = val
-            else:
-                h = val
-    if w is None or h is None:
+        if tag in (256, 257) and typ in value_fmt:
+            fmt = end + value_fmt[typ]
+            (size[tag],) = struct.unpack(fmt, data[e + value_at : e + value_at + struct.calcsize(fmt)])
+    if 256 not in size or 257 not in size:
         return None
-    return int(w), int(h)
+    return int(size[256]), int(size[257])
 
 
 def _read_error(path: Path, e: OSError) -> ImageReadError:
@@ -299,6 +311,50 @@ def _normalise_dtype(img: np.ndarray) -> np.ndarray:
     return to_uint8(img)
 
 
+def _check_declared_size(path: Path, fmt: str, data: np.ndarray) -> None:
+    """Refuse an image whose header declares more than :data:`MAX_IMAGE_PIXELS`, before decoding.
+
+    A header without a readable size is refused too: the decoder would then be the only limit,
+    and OpenCV's own cap does not hold for every format (BigTIFF).
+    """
+    # JPEG frame headers can sit behind large EXIF segments and a TIFF's first IFD may sit at the
+    # end of the file; PNG and BMP keep their size up front.
+    raw = data.tobytes() if fmt in ("jpeg", "tiff") else bytes(data[:65536])
+    size = _header_size(fmt, raw)
+    if size is None:
+        raise ImageReadError(path, f"not a decodable image: no image size in its {fmt.upper()} header")
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise ImageReadError(path, f"not a decodable image: header says {w}x{h} pixels")
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ImageReadError(
+            path,
+            f"image dimensions {w}x{h} exceed the cap of {MAX_IMAGE_PIXELS:,} pixels "
+            "(corrupt header or decompression bomb); not decoded",
+        )
+
+
+def _gray_filled_tail(img: np.ndarray) -> bool:
+    """True when a decoded 8-bit JPEG ends in libjpeg's fill for missing scan data.
+
+    A JPEG cut short and given an end marker again decodes "fine": libjpeg fills every block it
+    has no data for with zero coefficients, i.e. flat 128, from the cut to the end in block
+    order. At least one block row's worth of such blocks at the end is taken as that fill (a
+    real scan's padding is black, and JPEG noise rarely leaves whole blocks at exactly 128).
+    """
+    if img.dtype != np.uint8 or img.ndim != 2:
+        return False
+    h, w = img.shape
+    hb, wb = -(-h // 8), -(-w // 8)
+    r0 = max(0, hb - 2) * 8
+    flat = np.ones((hb * 8 - r0, wb * 8), bool)  # edge blocks padded as "flat"
+    flat[: h - r0, :w] = img[r0:] == 128
+    per_block = flat.reshape(-1, 8, wb, 8).all(axis=(1, 3)).ravel()
+    bad = np.flatnonzero(~per_block)
+    trailing = per_block.size - (int(bad[-1]) + 1 if bad.size else 0)
+    return trailing >= wb
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read one image file as a 2-D grayscale array.
 
@@ -342,19 +398,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
                 f"supported: {', '.join(config.IMAGE_EXTENSIONS + config.MEDICAL_EXTENSIONS)}",
             )
         raise ImageReadError(path, "not a decodable image (unrecognised content)")
-    # JPEG frame headers can sit behind large EXIF segments; other formats keep size up front.
-    raw = data.tobytes() if fmt == "jpeg" else bytes(data[:65536])
-    size = _header_size(fmt, raw)
-    if size is not None:
-        w, h = size
-        if w <= 0 or h <= 0:
-            raise ImageReadError(path, f"not a decodable image: header says {w}x{h} pixels")
-        if w * h > MAX_IMAGE_PIXELS:
-            raise ImageReadError(
-                path,
-                f"image dimensions {w}x{h} exceed the cap of {MAX_IMAGE_PIXELS:,} pixels "
-                "(corrupt header or decompression bomb); not decoded",
-            )
+    _check_declared_size(path, fmt, data)
     # Truncation checks: some decoder builds return a half-grey image for a cut-off file.
     tail = data[-65536:].tobytes()
     if fmt == "jpeg" and b"\xff\xd9" not in tail:
@@ -380,6 +424,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(path, f"not a decodable image ({fmt}: {msg})") from None
     if img is None or img.size == 0:
         raise ImageReadError(path, f"not a decodable image (corrupt or truncated {fmt.upper()} data)")
+    if fmt == "jpeg" and _gray_filled_tail(img):
+        raise ImageReadError(
+            path, "truncated JPEG (scan data ends early; the decoder filled the last rows with flat gray)"
+        )
     if img.ndim == 3 and img.shape[2] > 4:  # multi-page TIFF decoded as channels is not a thing
         raise ImageReadError(path, f"unsupported image layout {img.shape}")
     try:
@@ -502,9 +550,56 @@ def _dcmread(path: Path, stop_before_pixels: bool = False):
         raise ImageReadError(path, f"not a readable DICOM file ({type(e).__name__}: {e})") from None
 
 
+def _human_bytes(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} GB"  # pragma: no cover - the loop always returns
+
+
+def _check_volume_size(path: Path, kind: str, dims: Sequence[int], bytes_per_voxel: float) -> None:
+    """Refuse a declared image / volume above the caps, naming its declared size, before decoding.
+
+    ``dims`` are the declared axes (columns, rows[, frames / slices...]); any two of the first
+    three axes may become a slice (NIfTI volumes are reoriented).
+    """
+    dims = [int(d) for d in dims]
+    if not dims or min(dims) <= 0:
+        raise ImageReadError(path, f"{kind} header declares an empty size {'x'.join(map(str, dims))}")
+    total = math.prod(dims)
+    first = sorted(dims[:3], reverse=True)
+    largest_slice = first[0] * (first[1] if len(first) > 1 else 1)
+    if largest_slice <= MAX_IMAGE_PIXELS and total <= MAX_VOLUME_VOXELS:
+        return
+    unit = "pixels" if len(dims) == 2 else "voxels"
+    raise ImageReadError(
+        path,
+        f"{kind} header declares {'x'.join(map(str, dims))} = {total:,} {unit} "
+        f"({_human_bytes(total * bytes_per_voxel)} decoded), over the cap of {MAX_IMAGE_PIXELS:,} "
+        f"pixels per image / {MAX_VOLUME_VOXELS:,} per volume (corrupt header or decompression "
+        "bomb); not decoded",
+    )
+
+
+def _check_dicom_size(ds, path: Path) -> None:
+    """Rows x Columns x NumberOfFrames from the header, checked before any pixel is decoded."""
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        spp = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+    except (TypeError, ValueError) as e:
+        raise ImageReadError(path, f"DICOM header has unreadable image attributes ({e})") from None
+    _check_volume_size(path, "DICOM", [cols, rows] + ([frames] if frames > 1 else []),
+                       max(spp, 1) * max(bits, 8) / 8)
+
+
 def _dicom_pixels(ds, path: Path) -> np.ndarray:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageReadError(path, "DICOM has no pixel data (not an image object, or cut off)")
+    # Compressed pixel data (RLE, JPEG) can inflate a 1 MB file to gigabytes: check the header.
+    _check_dicom_size(ds, path)
     try:
         arr = ds.pixel_array
     except Exception as e:
@@ -703,9 +798,11 @@ def read_volume(path: str | os.PathLike, window: str | Sequence[float] = "lung")
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path))  # reads the header only
         if len(img.shape) < 3:
             raise ImageReadError(path, f"NIfTI image is {len(img.shape)}-D, expected a 3-D volume")
+        # Before anything touches the data: reorienting loads it, get_fdata makes float32 of it.
+        _check_volume_size(path, "NIfTI", img.shape, 4)
         can = nib.as_closest_canonical(img)
         data = np.asarray(can.get_fdata(dtype=np.float32))
     except ImageReadError:

@@ -20,8 +20,11 @@ What the numbers are (:func:`describe_columns`; also ``df.attrs["columns"]``, th
 * ``vote:votes``: how many members' own top class is the vote's class; ``vote:agreement``: that
   divided by the number of members (1.0 = unanimous).
 
-A file that cannot be read gets a row with only ``path`` and ``error`` filled: one bad file never
-stops the batch and is never dropped. Models are loaded in Keras safe mode
+A file that cannot be read, an image that ingestion would refuse (:func:`covidlib.io.image_problem`:
+too small, blank) and a folder that cannot be listed get a row with only ``path`` and ``error``
+filled: one bad file never stops the batch and is never dropped. Model folders are checked before
+they are trusted (:mod:`covidlib.runs`); output paths are checked before any work
+(:func:`check_outputs`). Models are loaded in Keras safe mode
 (:func:`covidlib.models.load_model`): a model file holding code (a ``Lambda`` layer) is refused.
 """
 from __future__ import annotations
@@ -53,6 +56,7 @@ __all__ = [
     "format_table",
     "describe_columns",
     "columns_path",
+    "check_outputs",
 ]
 
 _MEMBER_NOTE = "softmax probability of member {name}, uncalibrated (no temperature scaling)"
@@ -122,13 +126,20 @@ def find_members(run_dir: str | os.PathLike | None = None,
                                 "(`covidlib train` or notebook 03)")
     ens_cfg = models / "ensemble" / "config.json"
     if ens_cfg.is_file():
-        names = _read_json(ens_cfg).get("members") or []
+        from covidlib.runs import ModelFolderError, member_dir
+
+        cfg = _read_json(ens_cfg)
+        names = (cfg.get("members") if isinstance(cfg, dict) else None) or []
+        if not isinstance(names, list):
+            raise ModelFolderError(f"{ens_cfg}: 'members' must be a list of model folder names, "
+                                   f"got {names!r}")
         if names:
-            missing = [n for n in names if not (models / n / "model.keras").is_file()]
+            dirs = {n: member_dir(models, n, ens_cfg) for n in names}  # never outside the run
+            missing = [n for n, d in dirs.items() if not (d / "model.keras").is_file()]
             if missing:
                 raise FileNotFoundError(f"{ens_cfg} lists members {missing} that have no "
                                         f"model.keras under {models}")
-            return {n: models / n for n in names}
+            return dirs
     out = {}
     for d in sorted(p for p in models.iterdir() if p.is_dir()):
         if d.name == "ensemble" or d.name.startswith("ablation_") or not (d / "model.keras").is_file():
@@ -163,23 +174,24 @@ def _enhancement(cfg: dict, where: Path) -> dict | None:
 
 
 def load_members(members: dict[str, Path]) -> list[Member]:
-    """Load every member (Keras safe mode) and check that they agree on the class order.
+    """Load every member (Keras safe mode) after checking its folder, and check that they agree
+    on the class order.
+
+    Each folder goes through :func:`covidlib.runs.load_model_dir`: labels.json a list of class
+    names equal (same order) to config.json's ``classes``, a sane ``img_size`` equal to the
+    model's input size, a complete ``model.keras``, one output per class.
 
     Raises:
-        ValueError: a model file holds code (refused by safe mode), class orders differ, a model's
-            output width does not match its labels.json, or config.json lacks ``img_size``.
+        ValueError (:class:`covidlib.runs.ModelFolderError`): a model file holds code (refused by
+            safe mode) or is damaged, labels.json / config.json / the model disagree, class
+            orders differ between members.
     """
     from covidlib import ensemble  # noqa: F401 - registers VoteLayer should a member be an ensemble
-    from covidlib.train import load_run
+    from covidlib.runs import load_model_dir
 
     out: list[Member] = []
     for name, d in members.items():
-        model, classes, cfg = load_run(d)
-        if "img_size" not in cfg:
-            raise ValueError(f"{d / 'config.json'} has no img_size")
-        k = model.outputs[0].shape[-1]
-        if k != len(classes):
-            raise ValueError(f"{name}: the model outputs {k} classes but labels.json lists {classes}")
+        model, classes, cfg = load_model_dir(d)
         out.append(Member(name, d, model, list(classes), int(cfg["img_size"]),
                           _enhancement(cfg, d / "config.json"), cfg))
     orders = {m.name: m.classes for m in out}
@@ -241,20 +253,34 @@ def _dicom_order(files: list[Path]) -> list[Path]:
     return [p for p, _ in headed] + sorted(rest)
 
 
-def expand_paths(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
+def expand_paths(paths: Iterable[str | os.PathLike],
+                 unreadable: dict[Path, str] | None = None) -> tuple[list[Path], list[Path]]:
     """Files to read, and files skipped inside folders (other types, e.g. ``.txt``).
 
     A path named explicitly is always read (an unreadable one becomes an error row); folders are
     walked recursively in sorted order, hidden entries skipped, DICOM slices in body-axis order.
+    A sub-folder that cannot be listed (permissions) is put in the file list at its place and
+    its reason in ``unreadable`` (:func:`iter_inputs` turns it into an error row); without that
+    dict it is skipped with a warning, never silently.
     """
     files: list[Path] = []
     skipped: list[Path] = []
+
+    def note(err: OSError) -> None:
+        folder = Path(err.filename) if err.filename else root
+        reason = f"folder could not be read ({err.strerror or err}): its images were not predicted"
+        if unreadable is None:
+            warnings.warn(f"{folder}: {reason}", UserWarning, stacklevel=3)
+            return
+        unreadable[folder] = reason
+        files.append(folder)
+
     for raw in paths:
         root = Path(raw).expanduser()
         if not root.is_dir():
             files.append(root)
             continue
-        for dirpath, dirnames, filenames in os.walk(root):
+        for dirpath, dirnames, filenames in os.walk(root, onerror=note):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             d = Path(dirpath)
             here = [d / f for f in sorted(filenames) if not f.startswith(".")]
@@ -279,13 +305,20 @@ def _read_file(p: Path, window: str) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def iter_inputs(files: Iterable[Path], window: str = "lung"
+def iter_inputs(files: Iterable[Path], window: str = "lung",
+                unreadable: dict[Path, str] | None = None,
                 ) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
-    """``(key, image, None)`` per readable image, ``(path, None, reason)`` per unreadable file.
+    """``(key, image, None)`` per usable image, ``(key, None, reason)`` per refused one.
 
-    ``files`` as listed by :func:`expand_paths`.
+    ``files`` and ``unreadable`` as filled by :func:`expand_paths`. An image is refused when it
+    cannot be read, or when it decodes but is no usable picture: ingestion's own check
+    (:func:`covidlib.io.image_problem`: smaller than 16 px a side, blank) refuses it too, so a
+    1x1 or an all-black image never gets class probabilities.
     """
     for p in files:
+        if unreadable and p in unreadable:
+            yield str(p), None, unreadable[p]
+            continue
         try:
             items = _read_file(p, window)
         except cio.ImageReadError as exc:
@@ -295,7 +328,8 @@ def iter_inputs(files: Iterable[Path], window: str = "lung"
             yield str(p), None, f"{type(exc).__name__}: {exc}"
             continue
         for key, img in items:
-            yield key, img, None
+            problem = cio.image_problem(img)
+            yield (key, None, problem) if problem else (key, img, None)
 
 
 def _prepare(img: np.ndarray, member: Member, enhanced: bool) -> np.ndarray:
@@ -343,6 +377,22 @@ class _Run:
 
     def error_row(self, key: str, reason: str) -> None:
         self.rows.append({"path": key, "error": reason})
+
+    def predict_all(self, inputs: Iterable[tuple[str, np.ndarray | None, str | None]]) -> None:
+        """Rows for everything :func:`iter_inputs` yields, in input order, ``batch_size`` at a time."""
+        pending: list[tuple[str, np.ndarray]] = []
+        for key, img, err in inputs:
+            if err is not None:
+                # Readable images before it keep their place in the output order.
+                self.flush(pending)
+                pending = []
+                self.error_row(key, err)
+                continue
+            pending.append((key, img))
+            if len(pending) >= self.batch_size:
+                self.flush(pending)
+                pending = []
+        self.flush(pending)
 
     def flush(self, pending: list[tuple[str, np.ndarray]]) -> None:
         """Predict a chunk of readable images and append their rows (in input order)."""
@@ -466,6 +516,7 @@ def predict_paths(
     batch_size: int = 32,
     window: str = "lung",
     enhanced: bool = False,
+    allow_inside_input: bool = False,
 ) -> pd.DataFrame:
     """Predict every image under ``paths`` with the run's CT models and their vote.
 
@@ -477,25 +528,29 @@ def predict_paths(
         vote: ``"hard"`` / ``"soft"`` / ``"weighted"``; None takes the run's ensemble method
             (``models/ensemble/config.json``), else ``"hard"``. See :func:`vote_settings`.
         gradcam_dir: when given, Grad-CAM overlays are written there, one PNG per image per model
-            plus one for the vote (columns ``gradcam_<NAME>``, ``gradcam_vote``).
+            plus one for the vote (columns ``gradcam_<NAME>``, ``gradcam_vote``). Checked before
+            any work (:func:`check_outputs`): not a file, not inside / around the inputs.
         batch_size: images per forward pass (also the chunk read into memory at once).
         window: CT window for DICOM / NIfTI (``covidlib.io.WINDOWS``).
         enhanced: the inputs already went through the run's enhancement pipeline (e.g.
             ``covidlib enhance``); by default each member's recorded enhancement is applied, as in
             training.
+        allow_inside_input: the user asked explicitly for ``gradcam_dir`` inside the inputs.
 
     Returns:
         One row per image: ``path``, ``prediction`` (display name of the vote's class), the vote's
         ``vote:p_<class>`` (soft / weighted: a probability) or ``vote:score_<class>`` (hard: a
         ranking score, not a probability), ``vote:votes``, ``vote:agreement``, ``<NAME>:p_<class>``
         per member (uncalibrated softmax), Grad-CAM file columns, ``error`` ("" when fine;
-        unreadable files get a row with only ``path`` and ``error``). ``df.attrs`` holds
-        ``classes``, ``members``, ``vote``, ``weights``, ``vote_output`` (``"probability"`` /
-        ``"score"``), ``columns`` (:func:`describe_columns`) and ``skipped`` (files of other types
-        left out of folders).
+        refused inputs get a row with only ``path`` and ``error``: unreadable files, images that
+        ingestion would refuse (too small, blank), folders that could not be listed).
+        ``df.attrs`` holds ``classes``, ``members``, ``vote``, ``weights``, ``vote_output`` (``"probability"`` /
+        ``"score"``), ``columns`` (:func:`describe_columns`), ``skipped`` (files of other types
+        left out of folders) and ``inputs`` (``paths``, for :func:`write_predictions`' check).
 
     Raises:
-        ValueError: model refused by safe mode, class orders differ, bad vote / weights.
+        ValueError: model folder refused (:mod:`covidlib.runs`), class orders differ, bad vote /
+            weights, ``gradcam_dir`` unsafe (:class:`covidlib.fsutil.UnsafeOutputError`).
         FileNotFoundError: no models found.
     """
     if isinstance(paths, (str, os.PathLike)):
@@ -505,6 +560,8 @@ def predict_paths(
         raise ValueError("no input paths given")
     batch_size = max(1, int(batch_size))
     cio._window_bounds(window)  # a bad window is a usage error, not one error row per file
+    # Output paths first: no model is loaded, no image read, for an output that cannot be used.
+    check_outputs(paths, gradcam_dir=gradcam_dir, allow_inside_input=allow_inside_input)
     members = load_members(find_members(run_dir, model_dirs))
     method, weights = vote_settings(run_dir, [m.name for m in members], vote)
     cam_dir = Path(gradcam_dir).expanduser() if gradcam_dir is not None else None
@@ -512,26 +569,44 @@ def predict_paths(
         cam_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(members, method, weights, cam_dir, batch_size, enhanced)
 
-    files, skipped = expand_paths(paths)
-    pending: list[tuple[str, np.ndarray]] = []
-    for key, img, err in iter_inputs(files, window):
-        if err is not None:
-            # Readable images before it keep their place in the output order.
-            run.flush(pending)
-            pending = []
-            run.error_row(key, err)
-            continue
-        pending.append((key, img))
-        if len(pending) >= batch_size:
-            run.flush(pending)
-            pending = []
-    run.flush(pending)
+    unreadable: dict[Path, str] = {}
+    files, skipped = expand_paths(paths, unreadable)
+    run.predict_all(iter_inputs(files, window, unreadable))
     if skipped:
         warnings.warn(f"{len(skipped)} file(s) of other types inside the folders were not read "
                       f"(e.g. {skipped[0]}); see df.attrs['skipped']", UserWarning, stacklevel=2)
     df = run.frame()
     df.attrs["skipped"] = [str(p) for p in skipped]
+    df.attrs["inputs"] = [str(p) for p in paths]
     return df
+
+
+def check_outputs(paths: str | os.PathLike | Iterable[str | os.PathLike],
+                  out: str | os.PathLike | None = None, gradcam_dir: str | os.PathLike | None = None, *,
+                  allow_inside_input: bool = False) -> tuple[Path | None, Path | None]:
+    """Check the predictions CSV (and its ``.columns.json``) and the Grad-CAM folder before any work.
+
+    Refused: an output over an input, ``out`` that is a folder or a non-text file (a scan),
+    ``gradcam_dir`` that is a file, outputs inside an input folder or beside an input file
+    (unless ``allow_inside_input``). See :func:`covidlib.fsutil.check_output_path`.
+
+    Returns:
+        ``(out, gradcam_dir)`` with ``~`` expanded (None where not given).
+
+    Raises:
+        covidlib.fsutil.UnsafeOutputError (a ValueError), PermissionError (not writable).
+    """
+    from covidlib.fsutil import check_output_path
+
+    inputs = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    kw = {"allow_inside_input": allow_inside_input}
+    out_p = cam_p = None
+    if out is not None:
+        out_p = check_output_path(out, inputs, kind="file", what="predictions file", text=True, **kw)
+        check_output_path(columns_path(out_p), inputs, kind="file", what="column notes file", text=True, **kw)
+    if gradcam_dir is not None:
+        cam_p = check_output_path(gradcam_dir, inputs, kind="dir", what="Grad-CAM folder", **kw)
+    return out_p, cam_p
 
 
 # --------------------------------------------------------------------------- output
@@ -583,16 +658,19 @@ def _columns_doc(df: pd.DataFrame, csv_name: str) -> dict[str, Any]:
     }
 
 
-def write_predictions(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+def write_predictions(df: pd.DataFrame, path: str | os.PathLike, *,
+                      allow_inside_input: bool = False) -> Path:
     """Write the predictions CSV atomically (temp file in the same folder, then ``os.replace``).
 
     When ``df`` comes from :func:`predict_paths` (``df.attrs["columns"]``), what every column
     holds (which are probabilities, which the hard vote's scores; none calibrated) is written
     next to it as ``<csv>.columns.json`` (:func:`columns_path`): a CSV header cannot say it.
+    ``path`` goes through :func:`check_outputs` against ``df.attrs["inputs"]`` first: a scan,
+    a folder or the inputs' own folder is never written over (check it before predicting, too).
     """
     from covidlib.fsutil import atomic_write_text
 
-    path = Path(path).expanduser()
+    path, _ = check_outputs(df.attrs.get("inputs") or [], out=path, allow_inside_input=allow_inside_input)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:

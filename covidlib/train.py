@@ -462,15 +462,14 @@ def _same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def load_run(model_dir: str | os.PathLike) -> tuple[keras.Model, list[str], dict]:
-    """Load a finished run: the model (safe mode), its class order and its configuration."""
-    from covidlib.models import load_model
+    """Load a finished run: the model (safe mode), its class order and its configuration.
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "model.keras").is_file():
-        raise FileNotFoundError(f"{model_dir} holds no trained model (model.keras); train it first")
-    classes = json.loads((model_dir / "labels.json").read_text())
-    cfg = json.loads((model_dir / "config.json").read_text())
-    return load_model(model_dir / "model.keras"), classes, cfg
+    Checked before it is trusted (:func:`covidlib.runs.load_model_dir`): labels.json against
+    config.json and the model's output, the input size, a damaged archive.
+    """
+    from covidlib.runs import load_model_dir
+
+    return load_model_dir(model_dir)
 
 
 def enhanced_manifest(manifest: pd.DataFrame, run_dir: str | os.PathLike, pipeline: str,

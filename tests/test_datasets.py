@@ -545,3 +545,30 @@ def test_empty_split_is_warned(tmp_path):
     assert any("EMPTY" in w and str(empty) in w for w in r.warnings), r.warnings
     r = D.ingest(root, patient_pattern=r"^(.+)_slice\d+", seed=0, test_fraction=0.0)
     assert not any("test" in w and "EMPTY" in w for w in r.warnings), r.warnings
+
+
+def test_unreadable_sub_folder_is_quarantined_and_warned(tmp_path, monkeypatch):
+    """Issue #13: os.walk skipped a folder it could not list, silently; its images were just
+    missing. Root reads chmod-000 folders, so listing is made to fail for one folder."""
+    import errno
+    import os
+
+    root = tmp_path / "d"
+    for cls in ("covid", "normal"):
+        for i in range(3):
+            write_image(root / cls / f"{cls}{i}.png", distinct_image())
+    locked = root / "normal" / "batch2"
+    write_image(locked / "x.png", distinct_image())
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.path.realpath(path) == str(locked):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    r = D.ingest(root, work_dir=tmp_path / "work")
+    q = {e["path"]: e["reason"] for e in r.quarantine}
+    assert q[str(locked)].startswith("folder could not be read (Permission denied)")
+    assert any("1 folder(s) could not be read" in w for w in r.warnings)
+    assert "folder could not be read" in r.report()

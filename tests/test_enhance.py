@@ -543,13 +543,18 @@ def test_enhance_tree_dst_inside_src_and_name_collisions(tmp_path):
     write_png(src / "x.png", ct_phantom(64, seed=1))
     ok, buf = cv2.imencode(".jpg", ct_phantom(64, seed=2))
     buf.tofile(str(src / "x.jpg"))
-    s = E.enhance_tree(src, src / "enhanced", workers=1, progress=False)
+    # Issue #13: writing into the source needs an explicit yes; then dst is not read back.
+    with pytest.raises(ValueError, match="inside the input folder"):
+        E.enhance_tree(src, src / "enhanced", workers=1, progress=False)
+    assert not (src / "enhanced").exists()
+    s = E.enhance_tree(src, src / "enhanced", workers=1, progress=False, allow_inside_input=True)
     assert s["written"] == 2
     assert (src / "enhanced" / "x.png.png").exists() and (src / "enhanced" / "x.jpg.png").exists()
-    s2 = E.enhance_tree(src, src / "enhanced", workers=1, progress=False)  # its own output is not input
+    s2 = E.enhance_tree(src, src / "enhanced", workers=1, progress=False,
+                        allow_inside_input=True)  # its own output is not input
     assert s2["total"] == 2 and s2["skipped"] == 2
-    with pytest.raises(ValueError, match="overwrite source"):
-        E.enhance_tree(src, src, pipeline="none", workers=1, progress=False)
+    with pytest.raises(ValueError, match="is the input folder"):
+        E.enhance_tree(src, src, pipeline="none", workers=1, progress=False, allow_inside_input=True)
     with pytest.raises(FileNotFoundError):
         E.enhance_tree(tmp_path / "nope", tmp_path / "d", progress=False)
 
@@ -593,8 +598,8 @@ def test_enhance_tree_manifest_csv_with_bbox(tmp_path):
 
 
 def test_enhance_manifest_bbox_outside_image_reported(tmp_path):
-    write_png(tmp_path / "a.png", ct_phantom(64))
-    df = pd.DataFrame([{"path": str(tmp_path / "a.png"), "label": "covid", "xmin": 0, "ymin": 0, "xmax": 500, "ymax": 50}])
+    write_png(tmp_path / "in" / "a.png", ct_phantom(64))  # dst may not lie in the sources' folder
+    df = pd.DataFrame([{"path": str(tmp_path / "in" / "a.png"), "label": "covid", "xmin": 0, "ymin": 0, "xmax": 500, "ymax": 50}])
     res = E.enhance_manifest(df, tmp_path / "out", workers=1, progress=False)
     s = res.attrs["enhance_summary"]
     assert len(res) == 0 and s["n_failed"] == 1 and "outside" in s["failed"][0]["reason"]

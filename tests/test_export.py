@@ -10,8 +10,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
-pytest.importorskip("tensorflow")
+import keras  # a hard dependency: a broken install must fail, not skip
+import tensorflow  # noqa: F401 - the default backend: must be installed
 
 from covidlib import cli, ensemble, export  # noqa: E402
 from covidlib.models import build_model  # noqa: E402

@@ -73,3 +73,47 @@ def test_atomic_open_streams_and_cleans_up_on_error(tmp_path):
             raise RuntimeError("stop")
     assert np.load(p)["a"].sum() == 3
     assert os.listdir(p.parent) == ["w.npz"]
+
+
+# --------------------------------------------------------------------------- output paths (issue #13)
+def test_check_output_path_refuses_inputs_folders_and_scans(tmp_path):
+    data = tmp_path / "data"
+    (data / "COVID").mkdir(parents=True)
+    scan = data / "COVID" / "a.png"
+    scan.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 32)
+    check = fsutil.check_output_path
+    with pytest.raises(fsutil.UnsafeOutputError, match="is an input file"):
+        check(scan, [scan], allow_inside_input=True)  # never, even when allowed
+    with pytest.raises(fsutil.UnsafeOutputError, match="is the input folder"):
+        check(data, [data], kind="dir", allow_inside_input=True)
+    with pytest.raises(fsutil.UnsafeOutputError, match="lies inside the input folder"):
+        check(data / "COVID" / "out", [data], kind="dir")
+    with pytest.raises(fsutil.UnsafeOutputError, match="holds the input folder"):
+        check(tmp_path, [data / "COVID"], kind="dir")
+    with pytest.raises(fsutil.UnsafeOutputError, match="inside the folder holding the input"):
+        check(data / "COVID" / "p.csv", [scan])
+    with pytest.raises(fsutil.UnsafeOutputError, match="is a folder"):
+        check(data, [])
+    with pytest.raises(fsutil.UnsafeOutputError, match="is a file, not a folder"):
+        check(scan, [], kind="dir")
+    with pytest.raises(fsutil.UnsafeOutputError, match="not a text file"):
+        check(scan, [], text=True)
+    with pytest.raises(fsutil.UnsafeOutputError, match="is a file, so no folder"):
+        check(scan / "x.csv", [])
+    # allowed: outside the data, or inside it when asked; an old CSV may be replaced by a CSV
+    assert check(tmp_path / "out" / "p.csv", [data]) == tmp_path / "out" / "p.csv"
+    assert check(data / "enh", [data], kind="dir", allow_inside_input=True) == data / "enh"
+    (tmp_path / "old.csv").write_text("path,label\n")
+    assert check(tmp_path / "old.csv", [data], text=True) == tmp_path / "old.csv"
+    # a missing input protects nothing; a symbolic link to the data is the data
+    assert check(tmp_path / "x.csv", [tmp_path / "missing.png"]) == tmp_path / "x.csv"
+    (tmp_path / "alias").symlink_to(data)
+    with pytest.raises(fsutil.UnsafeOutputError, match="lies inside"):
+        check(tmp_path / "alias" / "p.csv", [data])
+
+
+def test_check_output_path_not_writable(tmp_path, monkeypatch):
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, m, *a, **k: False if os.fspath(p) == str(tmp_path) else real(p, m))
+    with pytest.raises(PermissionError, match="is not writable"):
+        fsutil.check_output_path(tmp_path / "new" / "p.csv")

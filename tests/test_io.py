@@ -11,11 +11,12 @@ import pytest
 from covidlib import io as cio
 
 try:
-    from malformed import (MALFORMED_EXPECTATIONS, tree_snapshot, write_ct_dicom, write_image,
-                           write_malformed_corpus, write_nifti)
+    from malformed import (MALFORMED_EXPECTATIONS, MALFORMED_REASONS, MALFORMED_VOLUMES, tree_snapshot,
+                           write_ct_dicom, write_image, write_malformed_corpus, write_nifti)
 except ImportError:  # tests/ turned into a package
-    from tests.malformed import (MALFORMED_EXPECTATIONS, tree_snapshot, write_ct_dicom, write_image,
-                                 write_malformed_corpus, write_nifti)
+    from tests.malformed import (MALFORMED_EXPECTATIONS, MALFORMED_REASONS, MALFORMED_VOLUMES,
+                                 tree_snapshot, write_ct_dicom, write_image, write_malformed_corpus,
+                                 write_nifti)
 
 
 def gradient(h: int = 40, w: int = 50, dtype=np.uint8) -> np.ndarray:
@@ -272,7 +273,7 @@ def test_malformed_corpus(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         keys = [k for k, _ in cio.iter_images(folder)]
-    assert set(keys) == {"tiny_1x1.png", "all_black.png", "png_named.bmp"}
+    assert set(keys) == {"tiny_1x1.png", "tiny_1x4000.png", "all_black.png", "png_named.bmp"}
     assert len(caught) >= 10
     with pytest.raises(cio.ImageReadError):
         list(cio.iter_images(folder, errors="raise"))
@@ -298,6 +299,64 @@ def test_specific_reasons(tmp_path):
     assert "no pixel data" in reason("dicom_no_pixels.dcm")
     assert "not a DICOM" in reason("not_dicom.dcm")
     assert "broken symbolic link" in reason("broken_link.png")
+
+
+def test_every_format_is_capped_from_its_header_and_the_reason_names_it(tmp_path):
+    """Issue #13: BigTIFF, a TIFF whose IFD sits past 64 kB, RLE DICOM and NIfTI were decoded
+    whatever size their header declared; a truncated JPEG with its end marker back decoded to
+    half gray. Each is refused before decoding, with the declared size in the reason."""
+    import re
+    import tracemalloc
+
+    folder = tmp_path / "c"
+    write_malformed_corpus(folder)
+    before = tree_snapshot(folder)
+    tracemalloc.start()
+    try:
+        for name, pattern in MALFORMED_REASONS.items():
+            p = folder / name
+            try:
+                if name in MALFORMED_VOLUMES:
+                    cio.read_volume(p)
+                    got = None
+                else:
+                    got = cio.image_problem(cio.read_image(p))
+            except cio.ImageReadError as e:
+                got = e.reason
+                assert str(p) in str(e)  # the message names the file
+            assert got is not None and re.search(pattern, got), (name, got)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, peak  # nothing was decoded (numpy allocations are traced)
+    assert tree_snapshot(folder) == before
+
+
+def test_header_size_parsers_read_bigtiff_and_late_ifds():
+    try:
+        from malformed import bigtiff_bomb, tiff_ifd_at_end
+    except ImportError:
+        from tests.malformed import bigtiff_bomb, tiff_ifd_at_end
+    assert cio._tiff_size(bigtiff_bomb(300, 200)) == (300, 200)
+    assert cio._tiff_size(tiff_ifd_at_end(300, 200, pad=70_000)) == (300, 200)
+    # real TIFFs (OpenCV writes the IFD after the pixels) still read
+    img = gradient(40, 50)
+    data = cv2.imencode(".tif", img)[1].tobytes()
+    assert cio._tiff_size(data) == (50, 40)
+
+
+def test_jpeg_gray_fill_check_leaves_real_jpegs_alone(tmp_path):
+    rng = np.random.default_rng(3)
+    for i, (h, w) in enumerate([(17, 23), (64, 64), (128, 96), (8, 200)]):
+        img = cv2.GaussianBlur(rng.integers(0, 256, (h, w), dtype=np.uint8), (5, 5), 0)
+        p = tmp_path / f"ok{i}.jpg"
+        p.write_bytes(cv2.imencode(".jpg", img)[1].tobytes())
+        assert cio.read_image(p).shape == (h, w)
+    dark = np.zeros((64, 64), np.uint8)  # black padding at the bottom is a scan, not a fill
+    dark[:40] = rng.integers(0, 256, (40, 64))
+    p = tmp_path / "padded.jpg"
+    p.write_bytes(cv2.imencode(".jpg", dark)[1].tobytes())
+    assert cio.read_image(p).shape == (64, 64)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-keras = pytest.importorskip("keras")
+import keras  # a hard dependency: a broken install must fail, not skip
 
 # Keras' own saving code trips numpy 2's copy-keyword deprecation; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
