@@ -34,6 +34,7 @@ import re
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -202,7 +203,7 @@ def _hash_item(item) -> tuple[int, np.ndarray | None]:
         sig = None if item[1] is None else np.asarray(item[1], dtype=np.float32).ravel()
         return int(item[0]), sig
     if isinstance(item, (str, os.PathLike)):
-        from covidlib import io as cio  # local: io is optional at import time
+        from covidlib import io as cio
 
         item = cio.read_image(Path(item))
     a = np.asarray(item)
@@ -314,10 +315,8 @@ def _decode(data: bytes, path: str) -> tuple[np.ndarray, int | None]:
         return arr, channels
     # DICOM / NIfTI / anything OpenCV cannot decode: the project's reader knows more formats and
     # gives a proper reason when it fails.
-    try:
-        from covidlib import io as cio
-    except ImportError as exc:  # pragma: no cover - io is part of the package
-        raise ValueError(f"cannot decode {ext} file (covidlib.io unavailable: {exc})") from None
+    from covidlib import io as cio
+
     return np.asarray(cio.read_image(Path(path))), None
 
 
@@ -641,44 +640,21 @@ def _cv_groups(ids: "Any", status: dict) -> tuple[np.ndarray | None, str]:
     return groups, text + ")"
 
 
-def audit_manifest(
-    manifest,
-    quarantine: list[dict] | None = None,
-    near_dup_threshold: int = DEFAULT_NEAR_DUP_THRESHOLD,
-    *,
-    min_correlation: float | None = DEFAULT_MIN_CORRELATION,
-    root: str | os.PathLike | None = None,
-    max_list: int = 20,
-    workers: int | None = None,
-) -> dict:
-    """Audit a manifest for leakage, duplicates, missing patient ids and shortcut features.
+@dataclass
+class _Table:
+    """The manifest's columns as the audit steps use them (one entry per row)."""
 
-    Reads every image once (thread pool) to get its SHA-1, perceptual hash and statistics. Never
-    writes, moves or deletes anything.
+    df: Any  # pandas.DataFrame, index 0..n-1
+    paths: list[str]  # absolute
+    labels: list[str]
+    splits: list[str]  # "all" without a split column, "unknown" for an empty cell
+    classes: list[str]  # canonical order
+    split_order: list[str]  # train, val, test, then any others sorted
 
-    Args:
-        manifest: DataFrame with at least ``path`` and ``label``; ``split``, ``patient_id`` and
-            ``source`` are used when present (see docs/CONTRACTS.md).
-        quarantine: files the ingest step could not use (dicts with ``path``/``reason``); copied
-            into the report.
-        near_dup_threshold: Hamming distance (of 64 bits) for near-duplicates; see module docs.
-        min_correlation: structure correlation that confirms a near-duplicate (None: hash only).
-        root: folder that relative paths are relative to (default: current directory).
-        max_list: cap on every list of clusters / pairs / patients in the report (totals are
-            always given in full).
-        workers: reader threads (default: CPU count + 2, at most 8).
 
-    Returns:
-        A JSON-serialisable dict: ``counts``, ``exact_duplicates``, ``near_duplicates``,
-        ``patient_overlap``, ``patient_ids``, ``shortcuts``, ``quarantine``, ``unreadable``,
-        ``warnings`` and ``settings``.
-
-    Raises:
-        ValueError: if the manifest is empty or lacks ``path`` / ``label``.
-    """
+def _check_manifest(manifest: Any, near_dup_threshold: int) -> None:
     import pandas as pd
 
-    t0 = time.perf_counter()
     if not isinstance(manifest, pd.DataFrame):
         raise ValueError(f"manifest must be a pandas DataFrame, got {type(manifest).__name__}")
     missing_cols = [c for c in ("path", "label") if c not in manifest.columns]
@@ -688,6 +664,10 @@ def audit_manifest(
         raise ValueError("manifest is empty: nothing to audit")
     if not 0 <= int(near_dup_threshold) <= 64:
         raise ValueError(f"near_dup_threshold must be 0..64 bits, got {near_dup_threshold}")
+
+
+def _table(manifest: Any, root: str | os.PathLike | None) -> _Table:
+    import pandas as pd
 
     df = manifest.reset_index(drop=True)
     base = Path(root) if root is not None else Path.cwd()
@@ -699,18 +679,20 @@ def audit_manifest(
     )
     classes = sorted(set(labels), key=_class_key)
     split_order = [s for s in config.SPLITS if s in set(splits)] + sorted(set(splits) - set(config.SPLITS))
-    warnings: list[str] = []
+    return _Table(df, paths, labels, splits, classes, split_order)
 
-    # ---- one read per image ------------------------------------------------------------------
-    n_workers = workers or min(8, (os.cpu_count() or 2) + 2)
+
+def _scan_all(paths: list[str], n_workers: int) -> list[dict[str, Any]]:
+    """:func:`_scan_one` for every path: one read per image, in a thread pool."""
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        recs = list(pool.map(_scan_one, paths, chunksize=16))
-    ok = np.array([r["ok"] for r in recs], dtype=bool)
-    unreadable = [{"path": p, "reason": r["reason"]} for p, r in zip(paths, recs) if not r["ok"]]
+        return list(pool.map(_scan_one, paths, chunksize=16))
 
-    # ---- counts and balance ----------------------------------------------------------------
-    by_split = {s: {c: 0 for c in classes} for s in split_order}
-    for s, c in zip(splits, labels):
+
+def _counts(t: _Table, warnings: list[str]) -> dict:
+    """Images per split x class, class balance; warns about one class, imbalance, empty cells."""
+    classes, labels = t.classes, t.labels
+    by_split = {s: {c: 0 for c in classes} for s in t.split_order}
+    for s, c in zip(t.splits, labels):
         by_split[s][c] += 1
     by_class = {c: labels.count(c) for c in classes}
     n = len(labels)
@@ -727,17 +709,20 @@ def audit_manifest(
             f"Classes are imbalanced (largest/smallest = {imbalance:.1f}): report balanced metrics "
             "(per-class sensitivity, macro F1, AUC), not accuracy alone."
         )
-    for s in split_order:
+    for s in t.split_order:
         absent = [c for c in classes if by_split[s][c] == 0]
         if absent and s != "all":
             warnings.append(f"Split '{s}' has no images of class(es) {absent}.")
+    return counts
 
-    # ---- exact duplicates (identical bytes) -------------------------------------------------
+
+def _exact_duplicates(recs: list[dict], t: _Table, max_list: int, warnings: list[str]) -> dict:
+    """Byte-identical files (same SHA-1); warns when a cluster spans splits or labels."""
     by_sha: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(recs):
         if r["sha1"]:
             by_sha[r["sha1"]].append(i)
-    exact = [_cluster(ix, paths, splits, labels, 10) for ix in by_sha.values() if len(ix) > 1]
+    exact = [_cluster(ix, t.paths, t.splits, t.labels, 10) for ix in by_sha.values() if len(ix) > 1]
     exact.sort(key=lambda d: (not d["cross_split"], not d["label_conflict"], -d["n"]))
     exact_report = {
         "n_clusters": len(exact),
@@ -756,8 +741,14 @@ def audit_manifest(
         warnings.append(
             f"{exact_report['n_label_conflict_clusters']} byte-identical cluster(s) carry different labels."
         )
+    return exact_report
 
-    # ---- near duplicates (perceptual hash) --------------------------------------------------
+
+def _near_duplicates(recs: list[dict], ok: np.ndarray, t: _Table, near_dup_threshold: int,
+                     min_correlation: float | None, max_list: int, warnings: list[str]) -> dict:
+    """Perceptually near-identical images (see the module docstring); warns about pairs across
+    splits. Frees the records' structure signatures (the only large part of a record)."""
+    paths, splits, labels = t.paths, t.splits, t.labels
     ok_idx = np.flatnonzero(ok)
     hashes = [recs[i]["phash"] for i in ok_idx]
     sigs = np.stack([recs[i]["signature"] for i in ok_idx]) if len(ok_idx) else None
@@ -807,11 +798,13 @@ def audit_manifest(
             f"cluster(s) holding {near_report['n_images_in_cross_split_clusters']} images; test scores "
             "will be optimistic. Split by patient or drop the copies."
         )
+    return near_report
 
-    # ---- patients ----------------------------------------------------------------------------
-    pid_col = df["patient_id"] if "patient_id" in df.columns else None
-    pstat = _patient_status(pid_col)
-    cv_groups, cv_split = _cv_groups(pid_col, pstat)
+
+def _patient_overlap(pid_col: Any, pstat: dict, splits: list[str], max_list: int) -> dict:
+    """Patients whose images sit in more than one split (checked only with usable ids)."""
+    import pandas as pd
+
     overlap_list: list[dict] = []
     n_overlap_images = 0
     if pid_col is not None and pstat["status"] in ("real", "all_unique"):
@@ -823,15 +816,19 @@ def audit_manifest(
                 overlap_list.append({"patient_id": str(pid), "splits": sc, "n": int(sum(sc.values()))})
                 n_overlap_images += int(sum(sc.values()))
     overlap_list.sort(key=lambda d: -d["n"])
-    patient_overlap = {
+    return {
         "checked": pstat["status"] in ("real", "all_unique"),
         "n_patients": len(overlap_list),
         "n_images": n_overlap_images,
         "patients": overlap_list[:max_list],
     }
-    if overlap_list:
+
+
+def _patient_warnings(pstat: dict, overlap: dict, warnings: list[str]) -> None:
+    """Leakage across splits, and missing / placeholder ids (that one goes first)."""
+    if overlap["n_patients"]:
         warnings.append(
-            f"LEAK: {len(overlap_list)} patient(s) ({n_overlap_images} images) appear in more than "
+            f"LEAK: {overlap['n_patients']} patient(s) ({overlap['n_images']} images) appear in more than "
             "one split. Split by patient."
         )
     if pstat["status"] in ("missing", "placeholder"):
@@ -850,40 +847,56 @@ def audit_manifest(
     elif pstat["n_missing"]:
         warnings.append(f"{pstat['n_missing']} image(s) have no patient id.")
 
-    # ---- shortcut features ---------------------------------------------------------------------
+
+def _property_columns(recs: list[dict], t: _Table) -> dict[str, list]:
+    """Every checked property's value per image (None where unknown)."""
+    import pandas as pd
+
+    columns: dict[str, list] = {p: [r.get(p) for r in recs] for p in _NUMERIC_PROPS}
+    columns["extension"] = [_extension(p) for p in t.paths]
+    columns["name_pattern"] = [_name_pattern(p, lb) for p, lb in zip(t.paths, t.labels)]
+    if "source" in t.df.columns:
+        columns["source"] = [None if pd.isna(v) else str(v) for v in t.df["source"]]
+    return columns
+
+
+def _shortcut_properties(recs: list[dict], t: _Table, by_class: dict[str, int],
+                         cv_groups: np.ndarray | None) -> dict[str, dict]:
+    """:func:`_shortcut_property` for every property, over the classes with >= 2 images."""
     props: dict[str, dict] = {}
-    y_all = np.array(labels, dtype=object)
-    big_classes = [c for c in classes if by_class[c] >= 2]
-    if len(big_classes) >= 2:
-        columns: dict[str, list] = {p: [r.get(p) for r in recs] for p in _NUMERIC_PROPS}
-        columns["extension"] = [_extension(p) for p in paths]
-        columns["name_pattern"] = [_name_pattern(p, lb) for p, lb in zip(paths, labels)]
-        if "source" in df.columns:
-            columns["source"] = [None if pd.isna(v) else str(v) for v in df["source"]]
-        for prop, vals in columns.items():
-            categorical = prop in _CATEGORICAL_PROPS
-            keep = np.array(
-                [v is not None and not (isinstance(v, float) and math.isnan(v)) for v in vals], dtype=bool
-            ) & np.isin(y_all, big_classes)
-            if keep.sum() < 4:
-                continue
-            x = np.array([v for v, k in zip(vals, keep) if k], dtype=object)
-            if not categorical:
-                x = x.astype(np.float64)
-            props[prop] = _shortcut_property(prop, x, y_all[keep], categorical,
-                                             None if cv_groups is None else cv_groups[keep])
-        if "source" in props and not props["source"].get("constant"):
-            src_classes = defaultdict(set)
-            for s_, c in zip(columns["source"], labels):
-                if s_ is not None:
-                    src_classes[s_].add(c)
-            if all(len(v) == 1 for v in src_classes.values()):
-                props["source"]["note"] = (
-                    "every source holds exactly one class: either `source` only repeats the class "
-                    "folder, or the classes really come from different sources"
-                )
-    flagged = [p for p, r in props.items() if r["shortcut"]]
-    for p in flagged:
+    y_all = np.array(t.labels, dtype=object)
+    big_classes = [c for c in t.classes if by_class[c] >= 2]
+    if len(big_classes) < 2:
+        return props
+    columns = _property_columns(recs, t)
+    for prop, vals in columns.items():
+        categorical = prop in _CATEGORICAL_PROPS
+        keep = np.array(
+            [v is not None and not (isinstance(v, float) and math.isnan(v)) for v in vals], dtype=bool
+        ) & np.isin(y_all, big_classes)
+        if keep.sum() < 4:
+            continue
+        x = np.array([v for v, k in zip(vals, keep) if k], dtype=object)
+        if not categorical:
+            x = x.astype(np.float64)
+        props[prop] = _shortcut_property(prop, x, y_all[keep], categorical,
+                                         None if cv_groups is None else cv_groups[keep])
+    if "source" in props and not props["source"].get("constant"):
+        src_classes = defaultdict(set)
+        for s_, c in zip(columns["source"], t.labels):
+            if s_ is not None:
+                src_classes[s_].add(c)
+        if all(len(v) == 1 for v in src_classes.values()):
+            props["source"]["note"] = (
+                "every source holds exactly one class: either `source` only repeats the class "
+                "folder, or the classes really come from different sources"
+            )
+    return props
+
+
+def _shortcut_warnings(props: dict[str, dict], grouped: bool, warnings: list[str]) -> None:
+    """One warning per flagged property (separable classes), its pure subgroups and note."""
+    for p in [p for p, r in props.items() if r["shortcut"]]:
         r = props[p]
         hint = ""
         if r["kind"] == "numeric":
@@ -899,7 +912,7 @@ def audit_manifest(
             warnings.append(
                 f"SHORTCUT: '{p}' alone separates class(es) {r['separable_classes']} "
                 f"(cross-validated balanced accuracy {r['balanced_accuracy']:.2f} with "
-                f"{'patient-grouped' if cv_groups is not None else 'image-level'} folds, chance "
+                f"{'patient-grouped' if grouped else 'image-level'} folds, chance "
                 f"{r['baseline']:.2f}{hint}){caveat}. A model can learn this instead of the disease."
             )
         for sg in [g for g in r["pure_subgroups"] if g["class"] not in r["separable_classes"]][:3]:
@@ -912,7 +925,15 @@ def audit_manifest(
             )
         if r.get("note"):
             warnings.append(f"Note on '{p}': {r['note']}.")
-    shortcuts = {
+
+
+def _shortcuts(recs: list[dict], t: _Table, by_class: dict[str, int], cv_groups: np.ndarray | None,
+               cv_split: str, warnings: list[str]) -> dict:
+    """The shortcut check: can one property (size, format, intensity, name, source) alone tell
+    the classes apart? (criteria: see SHORTCUT_BALANCED_ACCURACY and SUBGROUP_*)."""
+    props = _shortcut_properties(recs, t, by_class, cv_groups)
+    _shortcut_warnings(props, cv_groups is not None, warnings)
+    return {
         "criterion": (
             f"cross-validated (up to 5 folds, {cv_split}) balanced accuracy of the property alone "
             f"(depth-2 decision tree for numbers, value->class table for categories) "
@@ -922,11 +943,13 @@ def audit_manifest(
             f">= {SUBGROUP_MIN_COVERAGE:.0%} of it, p < {SUBGROUP_MAX_P:g})"
         ),
         "cv_split": cv_split,
-        "flagged": flagged,
+        "flagged": [p for p, r in props.items() if r["shortcut"]],
         "properties": props,
     }
 
-    # ---- quarantine and unreadable -------------------------------------------------------------
+
+def _quarantine_warnings(quarantine: list[dict] | None, unreadable: list[dict], warnings: list[str]) -> list[dict]:
+    """The ingest quarantine (copied) and warnings about it and about unreadable images."""
     quarantine_out = [dict(q) for q in (quarantine or [])]
     if quarantine_out:
         warnings.append(f"{len(quarantine_out)} file(s) were quarantined at ingest (see 'quarantine').")
@@ -934,12 +957,69 @@ def audit_manifest(
         warnings.append(
             f"{len(unreadable)} manifest image(s) could not be read during the audit (see 'unreadable')."
         )
+    return quarantine_out
+
+
+def audit_manifest(
+    manifest,
+    quarantine: list[dict] | None = None,
+    near_dup_threshold: int = DEFAULT_NEAR_DUP_THRESHOLD,
+    *,
+    min_correlation: float | None = DEFAULT_MIN_CORRELATION,
+    root: str | os.PathLike | None = None,
+    max_list: int = 20,
+    workers: int | None = None,
+) -> dict:
+    """Audit a manifest for leakage, duplicates, missing patient ids and shortcut features.
+
+    Reads every image once (thread pool) to get its SHA-1, perceptual hash and statistics. Never
+    writes, moves or deletes anything.
+
+    Args:
+        manifest: DataFrame with at least ``path`` and ``label``; ``split``, ``patient_id`` and
+            ``source`` are used when present (see docs/CONTRACTS.md).
+        quarantine: files the ingest step could not use (dicts with ``path``/``reason``); copied
+            into the report.
+        near_dup_threshold: Hamming distance (of 64 bits) for near-duplicates; see module docs.
+        min_correlation: structure correlation that confirms a near-duplicate (None: hash only).
+        root: folder that relative paths are relative to (default: current directory).
+        max_list: cap on every list of clusters / pairs / patients in the report (totals are
+            always given in full).
+        workers: reader threads (default: CPU count + 2, at most 8).
+
+    Returns:
+        A JSON-serialisable dict: ``counts``, ``exact_duplicates``, ``near_duplicates``,
+        ``patient_overlap``, ``patient_ids``, ``shortcuts``, ``quarantine``, ``unreadable``,
+        ``warnings`` and ``settings``.
+
+    Raises:
+        ValueError: if the manifest is empty or lacks ``path`` / ``label``.
+    """
+    t0 = time.perf_counter()
+    _check_manifest(manifest, near_dup_threshold)
+    t = _table(manifest, root)
+    warnings: list[str] = []  # in report order: counts, duplicates, patients, shortcuts, files
+    n_workers = workers or min(8, (os.cpu_count() or 2) + 2)
+    recs = _scan_all(t.paths, n_workers)
+    ok = np.array([r["ok"] for r in recs], dtype=bool)
+    unreadable = [{"path": p, "reason": r["reason"]} for p, r in zip(t.paths, recs) if not r["ok"]]
+
+    counts = _counts(t, warnings)
+    exact_report = _exact_duplicates(recs, t, max_list, warnings)
+    near_report = _near_duplicates(recs, ok, t, near_dup_threshold, min_correlation, max_list, warnings)
+    pid_col = t.df["patient_id"] if "patient_id" in t.df.columns else None
+    pstat = _patient_status(pid_col)
+    cv_groups, cv_split = _cv_groups(pid_col, pstat)
+    patient_overlap = _patient_overlap(pid_col, pstat, t.splits, max_list)
+    _patient_warnings(pstat, patient_overlap, warnings)
+    shortcuts = _shortcuts(recs, t, counts["by_class"], cv_groups, cv_split, warnings)
+    quarantine_out = _quarantine_warnings(quarantine, unreadable, warnings)
 
     report = {
-        "n_images": n,
+        "n_images": len(t.labels),
         "n_readable": int(ok.sum()),
-        "classes": classes,
-        "splits": split_order,
+        "classes": t.classes,
+        "splits": t.split_order,
         "counts": counts,
         "exact_duplicates": exact_report,
         "near_duplicates": near_report,

@@ -1,4 +1,4 @@
-"""Atomic file writes, shared by every module that writes results.
+"""Atomic file writes and safe file names, shared by every module that writes results.
 
 A crash or a kill must never leave a half-written file under its final name: data goes to a
 uniquely named temporary file in the same folder, then ``os.replace`` (atomic on POSIX and
@@ -9,11 +9,14 @@ Windows) moves it into place. The temporary file is created with mode 0o666 (not
 never over an input, never a file where a folder is (or the reverse), never a text result over a
 scan, never into / beside the inputs unless the user asked explicitly (``--allow-inside-input``),
 never into a folder that cannot be written.
+
+:func:`slug` turns any text (a data set folder, an image key) into a safe file-name part.
 """
 from __future__ import annotations
 
 import itertools
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
@@ -86,6 +89,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, suffix: str = ".
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically; return the path."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def slug(text: str, *, default: str = "data", limit: int | None = None) -> str:
+    """``text`` as a safe file-name part (ASCII letters, digits, ``.``, ``_``, ``-``).
+
+    Every run of other characters becomes one ``_``; leading and trailing ``.`` / ``_`` are
+    dropped (no hidden files, no ``..``).
+
+    Args:
+        text: any text, e.g. a folder name or an image file name.
+        default: returned when nothing is left.
+        limit: keep only the last ``limit`` characters (the end of a file name tells files apart
+            more often than its start); None keeps all.
+    """
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or default
+    return s[-limit:] if limit else s
 
 
 # --------------------------------------------------------------------------------------------

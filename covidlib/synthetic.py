@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -197,10 +198,50 @@ def make_ct_slice(
     if not 0.0 <= level <= 1.0:
         raise ValueError(f"level must be in [0, 1], got {level!r}")
     a = sample_ct_anatomy(rng) if anatomy is None else anatomy
-    S = float(size)
-    prng = np.random.default_rng([a["seed"], 3])  # patient-fixed structure (vessels, ribs)
-    img = np.zeros((size, size), np.float32)
+    # The draws below happen in a fixed order (the picture of a seed must never change):
+    # prng = patient-fixed structure (vessels, ribs), rng = this slice.
+    prng = np.random.default_rng([a["seed"], 3])
+    img, f = _ct_body(a, size, level)
+    img = _ct_fill_body(img, f, level, prng)
+    vessels = np.zeros_like(img)
+    lesion_add = np.zeros_like(img)
+    les = _ct_lesions(label, a)
+    for side, lung in enumerate(f.lungs):
+        _ct_vessels(vessels, lung, f.S, rng, prng)
+        lesion_add = _ct_lung_lesions(lesion_add, side, lung, les, level, f, rng, prng)
+    # Ground glass: hazy texture; vessels stay visible. Consolidation: replaces the parenchyma.
+    haze = 1.0 + 0.35 * _smooth_noise(rng, size, 12)
+    lesion_add *= np.clip(haze, 0.3, 1.7)
+    inside = f.lung_mask
+    img = img + inside * (vessels * (1.0 - np.clip(lesion_add * 2.0, 0, 0.8)) + lesion_add)
+    img = _ct_rotate_and_table(img, a, f)
+    img = cv2.GaussianBlur(img, (3, 3), 0.6)
+    img = img + rng.normal(0.0, a["noise"], img.shape).astype(np.float32)
+    img = (img - 0.5) * a["contrast"] + 0.5 + a["offset"]
+    return _to_uint8(img)
 
+
+@dataclass
+class _CTFrame:
+    """Where things are on one CT slice (pixels): body centre and semi-axes, lungs, masks."""
+
+    S: float  # image size
+    cx: float
+    cy: float
+    bw: float  # torso semi-axes
+    bh: float
+    lungs: list[tuple[float, float, float, float, int]]  # (centre x, centre y, semi-axes, lateral sign)
+    lung_mask: np.ndarray  # soft, mediastinum / heart / spine cut out
+    heart_r: float
+    spine_c: tuple[int, int]
+    yy: np.ndarray  # pixel row / column grids
+    xx: np.ndarray
+
+
+def _ct_body(a: dict, size: int, level: float) -> tuple[np.ndarray, _CTFrame]:
+    """The torso (fat ring, soft tissue) and the geometry of lungs, mediastinum, heart, spine."""
+    S = float(size)
+    img = np.zeros((size, size), np.float32)
     cx, cy = a["cx"] * S, a["cy"] * S
     bw, bh = a["body_w"] * S, a["body_h"] * S
     # Torso: subcutaneous fat ring, then muscle / mediastinum soft tissue.
@@ -228,97 +269,119 @@ def make_ct_slice(
     cv2.circle(med, spine_c, int(0.14 * bh) + 2, 1.0, -1)
     lung_mask *= 1.0 - med
     lung_mask = cv2.GaussianBlur(lung_mask, (3, 3), 0)
-
-    # Lung parenchyma with a gravity-dependent (posterior) density gradient.
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    dep = np.clip((yy - (cy - bh)) / (2 * bh), 0, 1) * 0.05
+    return img, _CTFrame(S, cx, cy, bw, bh, lungs, lung_mask, heart_r, spine_c, yy, xx)
+
+
+def _ct_fill_body(img: np.ndarray, f: _CTFrame, level: float, prng: np.random.Generator) -> np.ndarray:
+    """Lung parenchyma, heart, aorta, vertebra and ribs."""
+    cx, cy, bw, bh, S = f.cx, f.cy, f.bw, f.bh, f.S
+    # Lung parenchyma with a gravity-dependent (posterior) density gradient.
+    dep = np.clip((f.yy - (cy - bh)) / (2 * bh), 0, 1) * 0.05
     lung_val = 0.06 + dep
-    img = img * (1 - lung_mask) + lung_val * lung_mask
-    if heart_r > 1:
-        cv2.ellipse(img, _pt(cx + 0.12 * bw, cy - 0.2 * bh), _pt(heart_r, heart_r * 0.8), 20, 0, 360, 0.56, -1)
+    img = img * (1 - f.lung_mask) + lung_val * f.lung_mask
+    if f.heart_r > 1:
+        cv2.ellipse(img, _pt(cx + 0.12 * bw, cy - 0.2 * bh), _pt(f.heart_r, f.heart_r * 0.8), 20, 0, 360, 0.56, -1)
     cv2.circle(img, _pt(cx, cy - 0.35 * bh), int(0.09 * bh) + 1, 0.6, -1)  # aorta / trachea region
-    cv2.circle(img, spine_c, int(0.14 * bh) + 1, 0.92, -1)  # vertebral body
-    cv2.circle(img, spine_c, int(0.07 * bh), 0.75, -1)
+    cv2.circle(img, f.spine_c, int(0.14 * bh) + 1, 0.92, -1)  # vertebral body
+    cv2.circle(img, f.spine_c, int(0.07 * bh), 0.75, -1)
     # Ribs: bright cross-sections just outside the lateral and posterior lung surface.
-    for lx, ly, lw_, lh_, sgn in lungs:
+    for lx, ly, lw_, lh_, sgn in f.lungs:
         for t in np.linspace(-0.55 * math.pi, 0.6 * math.pi, 6) + prng.uniform(-0.06, 0.06, 6):
             rx = lx + sgn * 1.12 * lw_ * math.cos(t)
             ry = ly + 1.1 * lh_ * math.sin(t)
             tang = math.degrees(math.atan2(lh_ * math.cos(t), -sgn * lw_ * math.sin(t)))
             cv2.ellipse(img, _pt(rx, ry), _pt(0.014 * S + 1, 0.007 * S + 1), tang, 0, 360, 0.85, -1)
+    return img
 
-    # Vessels and fissures (patient-fixed positions, slight per-slice jitter); lesions.
-    vessels = np.zeros_like(img)
-    lesion_add = np.zeros_like(img)
-    les = _ct_lesions(label, a)
-    for side, (lx, ly, lw_, lh_, sgn) in enumerate(lungs):
-        hx, hy = lx - sgn * 0.8 * lw_, ly + 0.1 * lh_  # hilum: medial side
-        n_v = 26
-        us = prng.uniform(-1, 1, n_v)
-        vs = prng.uniform(-1, 1, n_v)
-        jit = rng.normal(0, 0.05, (n_v, 2))
-        for u, v, (ju, jv) in zip(us, vs, jit):
-            px, py = lx + sgn * (u + ju) * lw_, ly + (v + jv) * lh_
-            near = 1.0 - min(1.0, math.hypot(px - hx, py - hy) / (1.6 * lw_))
-            r = 0.4 + 2.2 * near * S / 128.0
-            if prng.random() < 0.5:
-                cv2.circle(vessels, _pt(px, py), max(1, int(round(r))), 0.22 + 0.2 * near, -1)
-            else:  # in-plane vessel: short segment pointing at the hilum
-                d = math.hypot(hx - px, hy - py) + 1e-6
-                ln = (2 + 5 * near) * S / 128.0
-                q = (px + (hx - px) / d * ln, py + (hy - py) / d * ln)
-                cv2.line(vessels, _pt(px, py), _pt(*q), 0.2 + 0.18 * near, max(1, int(round(r * 0.8))))
-        # Oblique fissure: faint thin line through the lung.
-        fa = prng.uniform(0.2, 0.35) * math.pi
-        p0 = (lx - sgn * math.cos(fa) * lw_, ly - math.sin(fa) * lh_)
-        p1 = (lx + sgn * math.cos(fa) * lw_, ly + math.sin(fa) * lh_)
-        cv2.line(vessels, _pt(*p0), _pt(*p1), 0.12, 1)
 
-        # lung-local coordinates: u lateral, v posterior (down in the image)
-        uu = (xx - lx) * sgn / lw_
-        vv = (yy - ly) / lh_
-        for g in les["ggo"] + les["faint"]:
-            if g["side"] != side:
-                continue
-            w = _level_weight(level, g["z"], g["zw"])
-            if w < 0.05:
-                continue
-            d2 = (uu - g["u"]) ** 2 + (vv - g["v"]) ** 2 * (lw_ / lh_) ** 2
-            lesion_add += (g["amp"] * w) * np.exp(-0.5 * d2 / g["sigma"] ** 2)
-        for c in les["consolidation"]:
-            if c["side"] != side:
-                continue
-            w = _level_weight(level, c["z"], c["zw"])
-            if w < 0.1:
-                continue
-            ca, sa = math.cos(c["fiss_angle"]), math.sin(c["fiss_angle"])
-            half = ((uu * sa - vv * ca) - c["fiss_off"]) * c["fiss_side"]
-            blob = ((uu - c["u"]) ** 2 + (vv - c["v"]) ** 2) < (c["radius"] * min(1.0, 0.4 + w)) ** 2
-            m = ((half > 0) & blob).astype(np.float32)
-            if not m.any():
-                continue
-            m = cv2.GaussianBlur(m, (0, 0), 0.9 * S / 128.0)
-            dens = c["density"] * (0.55 + 0.45 * w)
-            tex = 1.0 + 0.06 * _smooth_noise(rng, size, 10)
-            cons = m * dens * tex
-            if c["bronchogram"]:
-                # Air bronchograms: dark branching lines kept open inside the consolidation.
-                br = np.zeros_like(img)
-                for _ in range(3):
-                    ang = prng.uniform(-0.6, 0.6) + (0 if sgn > 0 else math.pi)
-                    q0 = (lx + sgn * c["u"] * lw_ * 0.6, ly + c["v"] * lh_ * 0.6)
-                    q1 = (q0[0] + math.cos(ang) * 0.5 * lw_, q0[1] + math.sin(ang) * 0.5 * lh_)
-                    cv2.line(br, _pt(*q0), _pt(*q1), 1.0, 1)
-                cons *= 1.0 - 0.7 * br
+def _ct_vessels(vessels: np.ndarray, lung: tuple, S: float, rng: np.random.Generator,
+                prng: np.random.Generator) -> None:
+    """Vessels and the oblique fissure of one lung, drawn into ``vessels`` (patient-fixed
+    positions, slight per-slice jitter)."""
+    lx, ly, lw_, lh_, sgn = lung
+    hx, hy = lx - sgn * 0.8 * lw_, ly + 0.1 * lh_  # hilum: medial side
+    n_v = 26
+    us = prng.uniform(-1, 1, n_v)
+    vs = prng.uniform(-1, 1, n_v)
+    jit = rng.normal(0, 0.05, (n_v, 2))
+    for u, v, (ju, jv) in zip(us, vs, jit):
+        px, py = lx + sgn * (u + ju) * lw_, ly + (v + jv) * lh_
+        near = 1.0 - min(1.0, math.hypot(px - hx, py - hy) / (1.6 * lw_))
+        r = 0.4 + 2.2 * near * S / 128.0
+        if prng.random() < 0.5:
+            cv2.circle(vessels, _pt(px, py), max(1, int(round(r))), 0.22 + 0.2 * near, -1)
+        else:  # in-plane vessel: short segment pointing at the hilum
+            d = math.hypot(hx - px, hy - py) + 1e-6
+            ln = (2 + 5 * near) * S / 128.0
+            q = (px + (hx - px) / d * ln, py + (hy - py) / d * ln)
+            cv2.line(vessels, _pt(px, py), _pt(*q), 0.2 + 0.18 * near, max(1, int(round(r * 0.8))))
+    # Oblique fissure: faint thin line through the lung.
+    fa = prng.uniform(0.2, 0.35) * math.pi
+    p0 = (lx - sgn * math.cos(fa) * lw_, ly - math.sin(fa) * lh_)
+    p1 = (lx + sgn * math.cos(fa) * lw_, ly + math.sin(fa) * lh_)
+    cv2.line(vessels, _pt(*p0), _pt(*p1), 0.12, 1)
+
+
+def _ct_lung_lesions(lesion_add: np.ndarray, side: int, lung: tuple, les: dict, level: float, f: _CTFrame,
+                     rng: np.random.Generator, prng: np.random.Generator) -> np.ndarray:
+    """Add one lung's ground glass / faint opacities (sum) and consolidations (max) at this level."""
+    lx, ly, lw_, lh_, sgn = lung
+    # lung-local coordinates: u lateral, v posterior (down in the image)
+    uu = (f.xx - lx) * sgn / lw_
+    vv = (f.yy - ly) / lh_
+    for g in les["ggo"] + les["faint"]:
+        if g["side"] != side:
+            continue
+        w = _level_weight(level, g["z"], g["zw"])
+        if w < 0.05:
+            continue
+        d2 = (uu - g["u"]) ** 2 + (vv - g["v"]) ** 2 * (lw_ / lh_) ** 2
+        lesion_add += (g["amp"] * w) * np.exp(-0.5 * d2 / g["sigma"] ** 2)
+    for c in les["consolidation"]:
+        if c["side"] != side:
+            continue
+        w = _level_weight(level, c["z"], c["zw"])
+        if w < 0.1:
+            continue
+        cons = _ct_consolidation(c, w, lung, uu, vv, f.S, rng, prng)
+        if cons is not None:
             lesion_add = np.maximum(lesion_add, cons)
+    return lesion_add
 
-    # Ground glass: hazy texture; vessels stay visible. Consolidation: replaces the parenchyma.
-    haze = 1.0 + 0.35 * _smooth_noise(rng, size, 12)
-    lesion_add *= np.clip(haze, 0.3, 1.7)
-    inside = lung_mask
-    img = img + inside * (vessels * (1.0 - np.clip(lesion_add * 2.0, 0, 0.8)) + lesion_add)
 
-    # Small patient rotation (about the body centre), then the table (not rotated).
+def _ct_consolidation(c: dict, w: float, lung: tuple, uu: np.ndarray, vv: np.ndarray, S: float,
+                      rng: np.random.Generator, prng: np.random.Generator) -> np.ndarray | None:
+    """One consolidation bounded by its fissure, textured, with air bronchograms when it has
+    them; None when it does not reach this slice."""
+    lx, ly, lw_, lh_, sgn = lung
+    size = uu.shape[0]
+    ca, sa = math.cos(c["fiss_angle"]), math.sin(c["fiss_angle"])
+    half = ((uu * sa - vv * ca) - c["fiss_off"]) * c["fiss_side"]
+    blob = ((uu - c["u"]) ** 2 + (vv - c["v"]) ** 2) < (c["radius"] * min(1.0, 0.4 + w)) ** 2
+    m = ((half > 0) & blob).astype(np.float32)
+    if not m.any():
+        return None
+    m = cv2.GaussianBlur(m, (0, 0), 0.9 * S / 128.0)
+    dens = c["density"] * (0.55 + 0.45 * w)
+    tex = 1.0 + 0.06 * _smooth_noise(rng, size, 10)
+    cons = m * dens * tex
+    if c["bronchogram"]:
+        # Air bronchograms: dark branching lines kept open inside the consolidation.
+        br = np.zeros(uu.shape, np.float32)
+        for _ in range(3):
+            ang = prng.uniform(-0.6, 0.6) + (0 if sgn > 0 else math.pi)
+            q0 = (lx + sgn * c["u"] * lw_ * 0.6, ly + c["v"] * lh_ * 0.6)
+            q1 = (q0[0] + math.cos(ang) * 0.5 * lw_, q0[1] + math.sin(ang) * 0.5 * lh_)
+            cv2.line(br, _pt(*q0), _pt(*q1), 1.0, 1)
+        cons *= 1.0 - 0.7 * br
+    return cons
+
+
+def _ct_rotate_and_table(img: np.ndarray, a: dict, f: _CTFrame) -> np.ndarray:
+    """Small patient rotation (about the body centre), then the table (not rotated)."""
+    S, cx, cy, bw, bh = f.S, f.cx, f.cy, f.bw, f.bh
+    size = img.shape[0]
     M = cv2.getRotationMatrix2D((cx, cy), a["angle"], 1.0)
     img = cv2.warpAffine(img, M, (size, size), flags=cv2.INTER_LINEAR, borderValue=0.0)
     ang = math.radians(a["angle"])
@@ -333,11 +396,7 @@ def make_ct_slice(
         cv2.ellipse(img, _pt(cx, ty - ry * 0.0), _pt(0.44 * S, 0.12 * S * a["table_curv"] + 2),
                     0, 10, 170, a["table_bright"], thick)
     cv2.line(img, _pt(0.15 * S, ty + 3 * thick), _pt(0.85 * S, ty + 3 * thick), a["table_bright"] * 0.5, 1)
-
-    img = cv2.GaussianBlur(img, (3, 3), 0.6)
-    img = img + rng.normal(0.0, a["noise"], img.shape).astype(np.float32)
-    img = (img - 0.5) * a["contrast"] + 0.5 + a["offset"]
-    return _to_uint8(img)
+    return img
 
 
 # --------------------------------------------------------------------------------------
@@ -416,22 +475,63 @@ def make_xray(
     _check_label(label, "xray")
     _check_size(size)
     a = sample_xray_anatomy(rng) if anatomy is None else anatomy
-    S = float(size)
+    # The draws below happen in a fixed order (the picture of a seed must never change):
+    # prng = patient-fixed structure (ribs, markings), rng = this image.
     prng = np.random.default_rng([a["seed"], 5])
     img = np.full((size, size), 0.04, np.float32)
-    cx, cy, sc = a["cx"] * S, a["cy"] * S, a["scale"]
+    body = _xray_torso(a, size)
+    img += 0.36 * body
+    f = _xray_frame(a, size)
+    img = _xray_fill(img, f)
+    img += 0.045 * _xray_ribs(f, prng) * body
+    img += 0.08 * _xray_markings(f, prng) * f.lung_mask
+    img += _xray_opacities(label, a, f, rng) * f.lung_mask
 
-    # Soft tissue: torso with shoulders and neck (soft-edged), denser abdomen under the domes.
-    body = np.zeros_like(img)
+    S = f.S
+    M = cv2.getRotationMatrix2D((f.cx, f.cy), a["angle"], 1.0)
+    img = cv2.warpAffine(img, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    img = cv2.GaussianBlur(img, (0, 0), 0.9 * S / 128.0)
+    img = img + rng.normal(0.0, a["noise"], img.shape).astype(np.float32)
+    img = np.clip((img - 0.4) * a["contrast"] + 0.4, 0, 1) ** a["gamma"]
+    return _to_uint8(img)
+
+
+@dataclass
+class _XRayFrame:
+    """Where things are on one radiograph (pixels): centre, scale, lungs, masks."""
+
+    S: float  # image size
+    cx: float
+    cy: float
+    sc: float  # patient scale
+    lw: float  # lung semi-axes
+    lh: float
+    lungs: list[tuple[float, float, int]]  # (centre x, centre y, lateral sign)
+    lung_mask: np.ndarray  # soft, mediastinum and heart cut out
+    med: np.ndarray  # mediastinum + heart (sharp)
+    yy: np.ndarray  # pixel row / column grids
+    xx: np.ndarray
+
+
+def _xray_torso(a: dict, size: int) -> np.ndarray:
+    """Soft tissue: torso with shoulders and neck (soft-edged), 0..1."""
+    S = float(size)
+    cx, sc = a["cx"] * S, a["scale"]
+    body = np.zeros((size, size), np.float32)
     poly = np.array([
         (cx - 0.5 * S * sc, S * 1.1), (cx - 0.47 * S * sc, 0.22 * S), (cx - 0.38 * S * sc, 0.08 * S),
         (cx - 0.1 * S * sc, 0.02 * S), (cx - 0.08 * S * sc, -0.1 * S), (cx + 0.08 * S * sc, -0.1 * S),
         (cx + 0.1 * S * sc, 0.02 * S), (cx + 0.38 * S * sc, 0.08 * S), (cx + 0.47 * S * sc, 0.22 * S),
         (cx + 0.5 * S * sc, S * 1.1)], np.float32)
     cv2.fillPoly(body, [np.round(poly).astype(np.int32)], 1.0)
-    body = cv2.GaussianBlur(body, (0, 0), 2.0 * S / 128.0)
-    img += 0.36 * body
-    lung_mask = np.zeros_like(img)
+    return cv2.GaussianBlur(body, (0, 0), 2.0 * S / 128.0)
+
+
+def _xray_frame(a: dict, size: int) -> _XRayFrame:
+    """Lung fields (with the diaphragm domes), mediastinum and heart."""
+    S = float(size)
+    cx, cy, sc = a["cx"] * S, a["cy"] * S, a["scale"]
+    lung_mask = np.zeros((size, size), np.float32)
     lw, lh = a["lung_w"] * S * sc, a["lung_h"] * S * sc
     lungs = []
     for side, sgn in ((0, -1), (1, 1)):
@@ -442,7 +542,7 @@ def make_xray(
         cv2.ellipse(lung_mask, _pt(lx - sgn * 0.02 * S, ly + lh * 1.05), _pt(lw * 1.05, lh * 0.42),
                     0, 0, 360, 0.0, -1)
     # Mediastinum (widening downwards) and heart (image right = patient's left).
-    med = np.zeros_like(img)
+    med = np.zeros_like(lung_mask)
     mpoly = np.array([(cx - 0.05 * S * sc, 0), (cx + 0.05 * S * sc, 0), (cx + 0.08 * S * sc, cy),
                       (cx - 0.08 * S * sc, cy)], np.float32)
     cv2.fillPoly(med, [np.round(mpoly).astype(np.int32)], 1.0)
@@ -450,19 +550,29 @@ def make_xray(
     cv2.ellipse(med, _pt(cx + 0.045 * S * sc, cy + 0.13 * S * sc), _pt(hr * 1.3, hr), -20, 0, 360, 1.0, -1)
     lung_mask *= 1.0 - med
     lung_mask = cv2.GaussianBlur(lung_mask, (0, 0), 1.2 * S / 128.0)
-    # Lung fields: darkest in the mid/upper lateral zones (less overlying tissue).
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    lung_val = 0.1 + 0.06 * np.clip((yy - cy) / (0.4 * S), -0.5, 1.0)
-    img = img * (1 - lung_mask) + (lung_val * 0.45 + img * 0.4) * lung_mask
-    med = cv2.GaussianBlur(med, (0, 0), 1.5 * S / 128.0)
+    return _XRayFrame(S, cx, cy, sc, lw, lh, lungs, lung_mask, med, yy, xx)
+
+
+def _xray_fill(img: np.ndarray, f: _XRayFrame) -> np.ndarray:
+    """Lung fields, mediastinum and spine over the soft tissue."""
+    S, cx, cy, sc = f.S, f.cx, f.cy, f.sc
+    # Lung fields: darkest in the mid/upper lateral zones (less overlying tissue).
+    lung_val = 0.1 + 0.06 * np.clip((f.yy - cy) / (0.4 * S), -0.5, 1.0)
+    img = img * (1 - f.lung_mask) + (lung_val * 0.45 + img * 0.4) * f.lung_mask
+    med = cv2.GaussianBlur(f.med, (0, 0), 1.5 * S / 128.0)
     img += 0.2 * med
     spine = np.zeros_like(img)
     cv2.rectangle(spine, _pt(cx - 0.03 * S * sc, 0), _pt(cx + 0.03 * S * sc, S), 1.0, -1)
     img += 0.08 * cv2.GaussianBlur(spine, (0, 0), 1.0 * S / 128.0)
+    return img
 
-    # Ribs: posterior arcs, high medially and curving down laterally; clavicles at the top.
-    ribs = np.zeros_like(img)
-    for lx, ly, sgn in lungs:
+
+def _xray_ribs(f: _XRayFrame, prng: np.random.Generator) -> np.ndarray:
+    """Ribs: posterior arcs, high medially and curving down laterally; clavicles at the top."""
+    S, cx, sc, lw, lh = f.S, f.cx, f.sc, f.lw, f.lh
+    ribs = np.zeros_like(f.lung_mask)
+    for lx, ly, sgn in f.lungs:
         for k in range(8):
             y0 = ly - 1.05 * lh + (k + 0.3) * (1.9 * lh / 8) + prng.uniform(-1, 1)
             ax = (lw * 1.8, 0.14 * S * sc + k * 0.006 * S)
@@ -471,37 +581,32 @@ def make_xray(
                         max(1, int(round(0.014 * S))))
         cv2.line(ribs, _pt(cx + sgn * 0.04 * S, ly - lh * 0.9), _pt(lx + sgn * lw * 1.3, ly - lh * 1.15), 1.6,
                  max(1, int(round(0.02 * S))))
-    ribs = cv2.GaussianBlur(ribs, (0, 0), 0.7 * S / 128.0)
-    img += 0.045 * ribs * body
+    return cv2.GaussianBlur(ribs, (0, 0), 0.7 * S / 128.0)
 
-    # Hilar / vascular markings radiating from the hila, fading to the periphery.
-    marks = np.zeros_like(img)
-    for lx, ly, sgn in lungs:
-        hx, hy = lx - sgn * 0.55 * lw, ly + 0.05 * lh
+
+def _xray_markings(f: _XRayFrame, prng: np.random.Generator) -> np.ndarray:
+    """Hilar / vascular markings radiating from the hila, fading to the periphery."""
+    marks = np.zeros_like(f.lung_mask)
+    for lx, ly, sgn in f.lungs:
+        hx, hy = lx - sgn * 0.55 * f.lw, ly + 0.05 * f.lh
         for _ in range(10):
             ang = prng.uniform(-1.2, 1.2) + (0 if sgn > 0 else math.pi)
-            ln = prng.uniform(0.3, 0.8) * lw
+            ln = prng.uniform(0.3, 0.8) * f.lw
             cv2.line(marks, _pt(hx, hy), _pt(hx + math.cos(ang) * ln, hy + math.sin(ang) * ln), 1.0, 1)
-    marks = cv2.GaussianBlur(marks, (0, 0), 0.8)
-    img += 0.08 * marks * lung_mask
+    return cv2.GaussianBlur(marks, (0, 0), 0.8)
 
-    # Opacities: additive (a radiograph sums attenuation), soft-edged, inside the lung fields.
-    opac = np.zeros_like(img)
+
+def _xray_opacities(label: str, a: dict, f: _XRayFrame, rng: np.random.Generator) -> np.ndarray:
+    """Opacities: additive (a radiograph sums attenuation), soft-edged, textured."""
+    opac = np.zeros_like(f.lung_mask)
     for les in _xray_lesions(label, a):
-        lx, ly, sgn = lungs[les["side"]]
-        uu = (xx - lx) * sgn / lw
-        vv = (yy - ly) / lh
-        d2 = (uu - les["u"]) ** 2 + ((vv - les["v"]) * lh / lw) ** 2
+        lx, ly, sgn = f.lungs[les["side"]]
+        uu = (f.xx - lx) * sgn / f.lw
+        vv = (f.yy - ly) / f.lh
+        d2 = (uu - les["u"]) ** 2 + ((vv - les["v"]) * f.lh / f.lw) ** 2
         opac += les["amp"] * np.exp(-0.5 * d2 / les["sigma"] ** 2)
-    opac *= np.clip(1.0 + 0.3 * _smooth_noise(rng, size, 10), 0.4, 1.6)
-    img += opac * lung_mask
-
-    M = cv2.getRotationMatrix2D((cx, cy), a["angle"], 1.0)
-    img = cv2.warpAffine(img, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    img = cv2.GaussianBlur(img, (0, 0), 0.9 * S / 128.0)
-    img = img + rng.normal(0.0, a["noise"], img.shape).astype(np.float32)
-    img = np.clip((img - 0.4) * a["contrast"] + 0.4, 0, 1) ** a["gamma"]
-    return _to_uint8(img)
+    opac *= np.clip(1.0 + 0.3 * _smooth_noise(rng, f.yy.shape[0], 10), 0.4, 1.6)
+    return opac
 
 
 # --------------------------------------------------------------------------------------
@@ -605,6 +710,36 @@ def write_synthetic_dataset(
     }
     labels_path = root / "labels.csv"
     meta_path = root / "synthetic.json"
+    if _reuse_or_clear(root, params):
+        return labels_path
+    root.mkdir(parents=True, exist_ok=True)
+
+    rows = []
+    for ci, label in enumerate(classes):
+        patient_split = _patient_splits(int(seed), modality, ci, int(n_patients), counts)
+        for p in range(int(n_patients)):
+            rows.extend(_write_patient(root, modality, label, ci, p, str(patient_split[p]), int(seed),
+                                       int(slices_per_patient), size))
+
+    df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    atomic_write_bytes(labels_path, df.to_csv(index=False).encode())
+    atomic_write_bytes(meta_path, (json.dumps(params, indent=2) + "\n").encode())
+    return labels_path
+
+
+def _reuse_or_clear(root: Path, params: dict) -> bool:
+    """True when ``root`` already holds this exact data set (same parameters, every image there).
+
+    Otherwise an earlier data set of this function is removed (its files only), so it can be
+    written again.
+
+    Raises:
+        ValueError: ``root`` holds a ``labels.csv`` this function did not write.
+    """
+    import pandas as pd
+
+    labels_path = root / "labels.csv"
+    meta_path = root / "synthetic.json"
     if meta_path.exists():
         try:
             same = json.loads(meta_path.read_text()) == params
@@ -614,7 +749,7 @@ def write_synthetic_dataset(
             try:
                 rel = pd.read_csv(labels_path)["path"]
                 if all((root / p).is_file() for p in rel):
-                    return labels_path
+                    return True
             except Exception:
                 pass
         meta_path.unlink()  # no stale marker if we are interrupted while rewriting
@@ -622,50 +757,54 @@ def write_synthetic_dataset(
     elif labels_path.exists():
         raise ValueError(f"{labels_path} exists but was not written by write_synthetic_dataset; "
                          "refusing to overwrite it: choose another root")
-    root.mkdir(parents=True, exist_ok=True)
+    return False
 
-    prefix = _MODALITY_PREFIX[modality]
+
+def _patient_splits(seed: int, modality: str, ci: int, n_patients: int, counts: list[int]) -> np.ndarray:
+    """The split of each patient of class number ``ci`` (seeded, whole patients)."""
+    split_rng = np.random.default_rng([seed, _MODALITY_CODE[modality], ci, 999])
+    order = split_rng.permutation(n_patients)
+    patient_split = np.empty(n_patients, dtype=object)
+    start = 0
+    for s, c in zip(SPLITS, counts):
+        patient_split[order[start:start + c]] = s
+        start += c
+    return patient_split
+
+
+def _patient_images(modality: str, label: str, rng: np.random.Generator, k: int, size: int) -> list[np.ndarray]:
+    """One patient's ``k`` images: CT slices spread over the chest, or follow-up radiographs."""
+    if modality == "ct":
+        anatomy = sample_ct_anatomy(rng)
+        levels = np.linspace(0.15, 0.85, k) if k > 1 else np.array([0.5])
+        levels = np.clip(levels + rng.uniform(-0.04, 0.04, k), 0.0, 1.0)
+        return [make_ct_slice(label, rng, size, anatomy=anatomy, level=float(lv)) for lv in levels]
+    anatomy = sample_xray_anatomy(rng)
+    images: list[np.ndarray] = []
+    for _ in range(k):
+        # Follow-up films: same patient, slightly different positioning / exposure.
+        a = dict(anatomy)
+        if images:
+            a.update(angle=a["angle"] + float(rng.uniform(-2, 2)),
+                     gamma=a["gamma"] * float(rng.uniform(0.93, 1.07)))
+        images.append(make_xray(label, rng, size, anatomy=a))
+    return images
+
+
+def _write_patient(root: Path, modality: str, label: str, ci: int, p: int, split: str, seed: int,
+                   k: int, size: int) -> list[dict]:
+    """Render and write patient ``p`` of class number ``ci``; its manifest rows."""
+    rng = np.random.default_rng([seed, _MODALITY_CODE[modality], ci, p])
+    pid = f"{_MODALITY_PREFIX[modality]}_{label.replace('_', '')}_p{p:03d}"
+    out_dir = root / split / label
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for ci, label in enumerate(classes):
-        split_rng = np.random.default_rng([int(seed), _MODALITY_CODE[modality], ci, 999])
-        order = split_rng.permutation(int(n_patients))
-        patient_split = np.empty(int(n_patients), dtype=object)
-        start = 0
-        for s, c in zip(SPLITS, counts):
-            patient_split[order[start:start + c]] = s
-            start += c
-        for p in range(int(n_patients)):
-            rng = np.random.default_rng([int(seed), _MODALITY_CODE[modality], ci, p])
-            pid = f"{prefix}_{label.replace('_', '')}_p{p:03d}"
-            split = str(patient_split[p])
-            out_dir = root / split / label
-            out_dir.mkdir(parents=True, exist_ok=True)
-            if modality == "ct":
-                anatomy = sample_ct_anatomy(rng)
-                k = int(slices_per_patient)
-                levels = np.linspace(0.15, 0.85, k) if k > 1 else np.array([0.5])
-                levels = np.clip(levels + rng.uniform(-0.04, 0.04, k), 0.0, 1.0)
-                images = [make_ct_slice(label, rng, size, anatomy=anatomy, level=float(lv)) for lv in levels]
-            else:
-                anatomy = sample_xray_anatomy(rng)
-                images = []
-                for _ in range(int(slices_per_patient)):
-                    # Follow-up films: same patient, slightly different positioning / exposure.
-                    a = dict(anatomy)
-                    if images:
-                        a.update(angle=a["angle"] + float(rng.uniform(-2, 2)),
-                                 gamma=a["gamma"] * float(rng.uniform(0.93, 1.07)))
-                    images.append(make_xray(label, rng, size, anatomy=a))
-            for j, im in enumerate(images):
-                fname = f"{pid}_{j:03d}.png"
-                ok, buf = cv2.imencode(".png", im)
-                if not ok:
-                    raise RuntimeError(f"PNG encoding failed for {fname}")
-                atomic_write_bytes(out_dir / fname, buf.tobytes())
-                rows.append({"path": f"{split}/{label}/{fname}", "label": label, "patient_id": pid,
-                             "split": split, "source": "synthetic", "modality": modality})
-
-    df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    atomic_write_bytes(labels_path, df.to_csv(index=False).encode())
-    atomic_write_bytes(meta_path, (json.dumps(params, indent=2) + "\n").encode())
-    return labels_path
+    for j, im in enumerate(_patient_images(modality, label, rng, k, size)):
+        fname = f"{pid}_{j:03d}.png"
+        ok, buf = cv2.imencode(".png", im)
+        if not ok:
+            raise RuntimeError(f"PNG encoding failed for {fname}")
+        atomic_write_bytes(out_dir / fname, buf.tobytes())
+        rows.append({"path": f"{split}/{label}/{fname}", "label": label, "patient_id": pid,
+                     "split": split, "source": "synthetic", "modality": modality})
+    return rows

@@ -12,6 +12,10 @@ import pytest
 
 from covidlib import config
 from covidlib import datasets as D
+from covidlib.aliases import format_alias_table, resolve_label
+from covidlib.fsutil import slug
+from covidlib.layouts import detect_layout
+from covidlib.splits import assign_splits
 
 try:
     from malformed import (MALFORMED_EXPECTATIONS, tree_snapshot, write_ct_dicom, write_image,
@@ -68,7 +72,7 @@ def test_class_folders_aliases_spaces_non_ascii(tmp_path):
     assert all(Path(p).is_absolute() and Path(p).is_file() for p in m["path"])
     # every class in every split
     assert (D.summarize(m).loc[list(config.SPLITS), ["covid", "cap", "normal"]] > 0).all().all()
-    table = D.format_alias_table(r.alias_table)
+    table = format_alias_table(r.alias_table)
     assert "Viral Pneumonia" in table and "cap (CAP)" in table
 
 
@@ -135,8 +139,8 @@ def test_resolve_label_table():
                       ("bacterial_pneumonia", "cap"), ("Normal", "normal"), ("healthy", "normal"),
                       ("non-COVID", "non_covid"), ("NonCOVID", "non_covid"), ("negative", "non_covid"),
                       ("non_covid", "non_covid")]:
-        assert D.resolve_label(name) == lab, name
-    assert D.resolve_label("Lung Opacity") is None
+        assert resolve_label(name) == lab, name
+    assert resolve_label("Lung Opacity") is None
 
 
 # --------------------------------------------------------------------------- COVIDx / UCSD / CSV
@@ -310,20 +314,20 @@ def _patients_df(n_per_class=(12, 9, 7), seed=0):
 
 def test_assign_splits_grouped_stratified_seeded():
     df = _patients_df()
-    a = D.assign_splits(df, seed=5)
-    b = D.assign_splits(df, seed=5)
+    a = assign_splits(df, seed=5)
+    b = assign_splits(df, seed=5)
     assert a["split"].tolist() == b["split"].tolist()
     assert one_split_per(a)
     counts = D.summarize(a)
     assert (counts.loc[list(config.SPLITS), ["covid", "cap", "normal"]] > 0).all().all()
     share = counts.loc[list(config.SPLITS), "total"] / len(df)
     assert 0.5 < share["train"] < 0.85 and 0.05 < share["val"] < 0.3 and 0.05 < share["test"] < 0.3
-    others = [D.assign_splits(df, seed=s)["split"].tolist() for s in range(6, 10)]
+    others = [assign_splits(df, seed=s)["split"].tolist() for s in range(6, 10)]
     assert any(o != a["split"].tolist() for o in others)
-    no_val = D.assign_splits(df, seed=1, val_fraction=0.0, test_fraction=0.2)
+    no_val = assign_splits(df, seed=1, val_fraction=0.0, test_fraction=0.2)
     assert set(no_val["split"]) == {"train", "test"}
     with pytest.raises(ValueError):
-        D.assign_splits(df, val_fraction=0.6, test_fraction=0.5)
+        assign_splits(df, val_fraction=0.6, test_fraction=0.5)
 
 
 def test_patient_pattern_groups_split(tmp_path):
@@ -436,6 +440,24 @@ def test_registry_name_uses_download_resolve(tmp_path, monkeypatch):
     assert calls[-1] == "owner/tiny-set" and "cap" in set(r.manifest["label"])
     r = D.ingest("tiny-set")  # modality disagrees with the registry
     assert any("registry lists" in w for w in r.warnings)
+
+
+def test_detect_layout_is_public(tmp_path):
+    # covidlib.runner checks a data set's shape with it before the first notebook runs.
+    make_class_tree(tmp_path / "cf", {"covid": 1, "normal": 1})
+    make_class_tree(tmp_path / "sf" / "Train", {"covid": 1})
+    assert detect_layout(tmp_path / "cf") == ("class_folders", None)
+    assert detect_layout(tmp_path / "sf") == ("split_folders", None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="Accepted layouts"):
+        detect_layout(tmp_path / "empty")
+
+
+def test_slug_for_file_names():
+    # One helper for the converted-slice folders (ingest) and the Grad-CAM names (predict).
+    assert slug("my data ü/../x") == "my_data_.._x"
+    assert slug("...") == "data" and slug("", default="image") == "image"
+    assert slug("a" * 70 + ".png", limit=60) == "a" * 56 + ".png"
 
 
 def test_bad_arguments(tmp_path):
