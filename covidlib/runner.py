@@ -3,7 +3,9 @@
 ``01`` builds the manifest, ``02`` runs the enhancement ablation, ``03`` trains once per CT
 backbone in ``BACKBONES`` (and once more for the phase-1 X-ray model ``XRAY_BACKBONE`` when
 ``XRAY_DATASET`` is set), ``04`` evaluates, votes and runs the two-phase cascade. Executed copies
-are saved in ``RUN_DIR/notebooks/`` next to the outputs they produced.
+are saved in ``RUN_DIR/notebooks/`` next to the outputs they produced. With ``parallel`` > 1,
+``02`` and the ``03`` trainings run side by side, each in its own process on its own GPU or
+cores (:func:`run_side_by_side`), with the results of a sequential run.
 
 Defaults live in one place only: each notebook's ``parameters`` cell. The runner reads them with
 ``papermill.inspect_notebook`` and passes a notebook only the parameters it declares. Every value
@@ -17,10 +19,16 @@ import ast
 import contextlib
 import functools
 import importlib.util
+import json
 import math
 import os
+import pickle
 import re
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,7 +241,7 @@ def _run_dir_ok(v: str) -> bool | str:
 
 
 def _pattern_ok(v: str) -> bool | str:
-    from covidlib.datasets import PATIENT_PATTERNS
+    from covidlib.splits import PATIENT_PATTERNS
 
     try:
         re.compile(PATIENT_PATTERNS.get(v, v))
@@ -271,7 +279,7 @@ def _dataset_ok(shape: bool) -> Callable[[str], bool | str]:
 @functools.lru_cache(maxsize=1)
 def rules() -> dict[str, Rule]:
     """Ranges and choices of the notebooks' parameters (types come from their defaults)."""
-    from covidlib.datasets import PATIENT_PATTERNS
+    from covidlib.splits import PATIENT_PATTERNS
     from covidlib.enhance import PIPELINES
 
     backbones = _static_names("models", "BACKBONES")
@@ -364,7 +372,7 @@ def _holds_image(folder: Path) -> bool:
 
 def _classes_with_images(folder: Path) -> set[str]:
     """The labels (or, unmapped, the names) of the class folders of ``folder`` that hold images."""
-    from covidlib.datasets import normalize_class_name, resolve_label
+    from covidlib.aliases import normalize_class_name, resolve_label
 
     found = set()
     for d in sorted(folder.iterdir()):
@@ -381,11 +389,10 @@ def data_shape(root: Path) -> bool | str:
     folder, and no split folder without images; label files and CSVs are left to ``ingest``.
     Nothing is decoded: one image file found per class folder is enough.
     """
-    from covidlib import datasets
+    from covidlib import layouts
 
     try:
-        # datasets has no public layout detector; its private one is the single source of truth.
-        layout, _ = datasets._detect_layout(root)
+        layout, _ = layouts.detect_layout(root)
     except (ValueError, OSError) as exc:
         return " ".join(str(exc).replace(f"{root}: ", "", 1).split())
     try:
@@ -393,7 +400,7 @@ def data_shape(root: Path) -> bool | str:
             classes = _classes_with_images(root)
         elif layout == "split_folders":
             splits = {d.name: _classes_with_images(d) for d in sorted(root.iterdir())
-                      if d.is_dir() and d.name.lower() in datasets.SPLIT_ALIASES}
+                      if d.is_dir() and d.name.lower() in layouts.SPLIT_ALIASES}
         else:
             return True  # label files and CSVs: ingest checks them
     except OSError:
@@ -403,7 +410,7 @@ def data_shape(root: Path) -> bool | str:
         if empty:
             return (f"split folder(s) {empty} hold no class folder with images; fill them, or "
                     "remove them (a missing val / test split is carved out of train)")
-        if not any(datasets.SPLIT_ALIASES[n.lower()] == "train" for n in splits):
+        if not any(layouts.SPLIT_ALIASES[n.lower()] == "train" for n in splits):
             return f"split folders {sorted(splits)} but no train split folder; expected train/ (or training/)"
         classes = set().union(*splits.values())
     if len(classes) < 2:
@@ -562,11 +569,12 @@ def _stderr_to(path: Path | None):
 
 
 def _execute(label: str, path: Path, out: Path, nb_params: dict, *, progress: bool,
-             kernel_name: str | None, verbose: bool, console) -> None:
+             kernel_name: str | None, verbose: bool, console,
+             extra_env: Mapping[str, str] | None = None) -> None:
     import papermill as pm
 
     bar = {"desc": label, "file": console, "ncols": 90, "leave": True} if progress else False
-    env = {"TF_CPP_MIN_LOG_LEVEL": "0" if verbose else "3"}
+    env = {"TF_CPP_MIN_LOG_LEVEL": "0" if verbose else "3", **(extra_env or {})}
     previous = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -589,6 +597,338 @@ class NotebookError(RuntimeError):
     """A notebook cell failed; the message names the notebook, the cell and the exception."""
 
 
+# ----------------------------------------------------------------------------------------------
+# Side by side (--parallel): 02 and every 03 in their own processes, 04 once they are all done
+# ----------------------------------------------------------------------------------------------
+#
+# Same results as a sequential run, by construction. With op determinism on (training sets it),
+# TensorFlow's CPU results repeat exactly for one intra-op thread count but change with it
+# (Eigen / oneDNN split reductions by thread): one SmallCNN epoch at 1, 2, 3 and 4 threads gave
+# four different weight sets, every count repeatable; test probabilities moved by up to 1e-4
+# (MobileNetV2, 1 epoch) and 3e-4 (SmallCNN, 5 epochs). The inter-op count changed nothing. So a
+# side-by-side job always gets the intra-op count a sequential run gives it: --threads T when
+# set (sequential runs then use T too), else TensorFlow's default, every core. On CPU at most
+# cores // T jobs run at once, each pinned to its own T cores, so they never oversubscribe
+# them; without --threads that is one job at a time. On GPUs each job gets one GPU
+# (CUDA_VISIBLE_DEVICES) and the CPU threads stay as in a sequential run. XLA_FLAGS is left
+# alone: Keras runs on TensorFlow here and compiles with XLA only on a GPU.
+
+_SIDE_BY_SIDE = ("02_", "03_")
+_CHILD = ("import sys; sys.path.append({pkg!r}); from covidlib import runner; "
+          "sys.exit(runner._job_main(sys.argv[1]))")
+_STOP_WAIT_S = 60.0  # a stopped job shuts its kernel down; then it is killed
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one side-by-side notebook runs.
+
+    Attributes:
+        name: words for the console (``GPU 1``, ``CPUs 2-3``).
+        env: variables set for the job (its GPU, its thread counts).
+        cpus: the cores its process and kernel are pinned to (None: not pinned).
+    """
+
+    name: str
+    env: dict[str, str]
+    cpus: tuple[int, ...] | None = None
+
+
+def thread_env(threads: int | None) -> dict[str, str]:
+    """Variables fixing every kernel's thread counts; empty (the libraries' defaults) for None."""
+    if not threads:
+        return {}
+    t = str(int(threads))
+    # OMP_NUM_THREADS: OpenBLAS / MKL / OpenMP builds; the inter-op count only keeps the total down.
+    return {"TF_NUM_INTRAOP_THREADS": t, "TF_NUM_INTEROP_THREADS": t, "OMP_NUM_THREADS": t}
+
+
+def parse_gpu_list(text: str) -> list[str]:
+    """GPU ids in ``nvidia-smi -L`` output: indices, or the UUIDs of a GPU's MIG slices."""
+    gpus: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        gpu = re.match(r"\s*GPU (\d+):", line)
+        mig = re.match(r"\s*MIG\b.*\(UUID: (MIG-[^)\s]+)\)", line)
+        if gpu:
+            gpus.append((gpu.group(1), []))
+        elif mig and gpus:
+            gpus[-1][1].append(mig.group(1))
+    return [x for index, migs in gpus for x in (migs or [index])]
+
+
+def detect_gpus() -> list[str]:
+    """The GPUs side-by-side jobs are pinned to, found without importing TensorFlow.
+
+    ``CUDA_VISIBLE_DEVICES`` when set (empty or ``-1``: none), else ``nvidia-smi -L``, else none.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = []
+        for item in (x.strip() for x in visible.split(",")):
+            if not item or item.startswith("-"):
+                break  # CUDA ignores every id from the first invalid one on
+            ids.append(item)
+        return ids
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        proc = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return parse_gpu_list(proc.stdout) if proc.returncode == 0 else []
+
+
+def _cores() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def _cpu_words(cpus: Sequence[int]) -> str:
+    if len(cpus) == 1:
+        return f"CPU {cpus[0]}"
+    if list(cpus) == list(range(cpus[0], cpus[-1] + 1)):
+        return f"CPUs {cpus[0]}-{cpus[-1]}"
+    return "CPUs " + ",".join(map(str, cpus))
+
+
+def job_slots(parallel: int, threads: int | None = None,
+              gpus: Sequence[str] | None = None) -> list[Slot]:
+    """Up to ``parallel`` slots for side-by-side notebooks; one slot means one at a time.
+
+    Args:
+        parallel: the most jobs at once.
+        threads: intra-op threads per job (None: TensorFlow's default, every core).
+        gpus: GPU ids (None: :func:`detect_gpus`).
+    """
+    gpus = detect_gpus() if gpus is None else list(gpus)
+    env = thread_env(threads)
+    if gpus:
+        return [Slot(f"GPU {g}", {"CUDA_VISIBLE_DEVICES": g, **env}) for g in gpus[:parallel]]
+    cores = _cores()
+    per = threads or len(cores)
+    n = max(1, min(parallel, len(cores) // per))
+    if n == 1:
+        return [Slot("CPU", env)]
+    return [Slot(_cpu_words(c), env, tuple(c))
+            for c in (cores[i * per:(i + 1) * per] for i in range(n))]
+
+
+def _schedule_line(parallel: int, slots: Sequence[Slot], n_jobs: int, threads: int | None) -> str:
+    """One line saying how many of the 02 / 03 notebooks run at once, and why."""
+    if n_jobs < 2:
+        return "--parallel: one notebook between 01 and 04, nothing to run side by side"
+    if len(slots) > 1:
+        per = f", {threads} thread{'s' if threads > 1 else ''} each" if threads else ""
+        return (f"side by side: {n_jobs} notebooks (02/03), up to {len(slots)} at a time on "
+                f"{', '.join(s.name for s in slots)}{per}; 04 once all are done")
+    if slots and slots[0].name.startswith("GPU"):
+        return f"--parallel {parallel}: one notebook at a time (one GPU: {slots[0].name})"
+    cores, want = len(_cores()), min(parallel, n_jobs)
+    if threads:
+        return (f"--parallel {parallel} on CPU: one notebook at a time (--threads {threads}, "
+                f"{cores} cores)")
+    hint = (f"; add --threads {cores // want} to run {want} at once (same results as a sequential "
+            f"run with --threads {cores // want})") if cores >= want else ""
+    return (f"--parallel {parallel} on CPU: one notebook at a time, each on all {cores} cores as "
+            f"in a sequential run{hint}")
+
+
+def _split(steps: Sequence[tuple]) -> tuple[list, list, list]:
+    """The numbered steps before, during and after the side-by-side notebooks (02 and 03)."""
+    numbered = list(enumerate(steps, 1))
+    side = [i for i, (n, s) in enumerate(numbered) if s[0].startswith(_SIDE_BY_SIDE)]
+    if not side:
+        return numbered, [], []
+    return numbered[:side[0]], numbered[side[0]:side[-1] + 1], numbered[side[-1] + 1:]
+
+
+def shared_enhancements(steps: Sequence[tuple[str, Path, dict]]) -> list[tuple[str, str]]:
+    """``(pipeline, modality)`` enhanced-image folders that two or more of ``steps`` write.
+
+    Two kernels enhancing into one folder at once race: each one's clean-up of stray temporary
+    files can delete the other's file in flight, and that image is then left out of its
+    training. :func:`run` makes these folders once, before the jobs start; the notebooks then
+    find every image done. Notebook 02 enhances CT only (``run_ablation``'s default modality).
+    """
+    users: dict[tuple[str, str], int] = {}
+    for label, path, nb_params in steps:
+        v = {**notebook_parameters(path), **nb_params}
+        pairs: set[tuple[str, str]] = set()
+        if label.startswith("02_") and v.get("RUN_ABLATION", True):
+            pairs = {(p, "ct") for p in v.get("ABLATION_PIPELINES", [])}
+        elif label.startswith("03_"):
+            pairs = {(v.get("ENHANCEMENT", "none"), v.get("MODALITY", "ct"))}
+        for pair in pairs:
+            if pair[0] != "none":
+                users[pair] = users.get(pair, 0) + 1
+    return sorted(pair for pair, n in users.items() if n > 1)
+
+
+def _enhance_shared(run_dir: str, pairs: Sequence[Sequence[str]]) -> None:
+    """Make the shared enhanced-image folders (runs in a child process: it imports Keras)."""
+    from covidlib import train
+    from covidlib.datasets import read_manifest
+
+    manifest = read_manifest(Path(run_dir) / "manifest.csv")
+    for pipeline, modality in pairs:
+        train.enhanced_manifest(manifest, run_dir, pipeline, modality, progress=False)
+
+
+def _prepare_shared(pairs: Sequence[tuple[str, str]], run_dir: Path, env: Mapping[str, str]) -> None:
+    """Run :func:`_enhance_shared` in a child process and say so in one line.
+
+    Best effort: on failure the notebooks meet the same problem themselves and report it the
+    way a sequential run does (notebook, cell, exception).
+    """
+    if not pairs:
+        return
+    t0 = time.perf_counter()
+    code = (f"import sys; sys.path.append({str(_package_parent())!r}); from covidlib import runner; "
+            f"runner._enhance_shared({str(run_dir)!r}, {[list(p) for p in pairs]!r})")
+    log = run_dir / "notebooks" / "shared_enhancement.log"
+    with open(log, "ab") as out:
+        rc = subprocess.run([sys.executable, "-c", code], cwd=os.getcwd(), env={**os.environ, **env},
+                            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT).returncode
+    what = ", ".join(f"{p} ({m})" for p, m in pairs)
+    state = f"done in {_clock(time.perf_counter() - t0)}" if rc == 0 else f"failed (see {log})"
+    print(f"shared enhancement {what} {state}", flush=True)
+
+
+def _package_parent() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class _Job:
+    """One running side-by-side notebook."""
+
+    name: str  # "[i/n] label", as in a sequential run's lines and errors
+    proc: subprocess.Popen
+    slot: Slot
+    result: Path  # the child's one-line failure, as JSON
+    log: Path
+    t0: float
+
+
+def _start_job(name: str, path: Path, out: Path, nb_params: dict, slot: Slot, work: Path, *,
+               kernel_name: str | None, verbose: bool) -> _Job:
+    """Start one notebook in its own process (its kernel inherits the slot's environment).
+
+    ``work`` is a private stem: ``.spec`` passes the job (pickled: parameters keep their exact
+    values and types), ``.json`` brings a failure back.
+    """
+    spec = {"label": name, "path": str(path), "out": str(out), "params": nb_params,
+            "kernel_name": kernel_name, "verbose": verbose, "result": str(work.with_suffix(".json")),
+            "cpus": list(slot.cpus) if slot.cpus else None}
+    spec_path = work.with_suffix(".spec")
+    spec_path.write_bytes(pickle.dumps(spec))
+    log = out.with_suffix(".stderr.log")
+    cmd = [sys.executable, "-c", _CHILD.format(pkg=str(_package_parent())), str(spec_path)]
+    with contextlib.ExitStack() as stack:
+        # Quiet: everything the job prints goes to its log; verbose: to the console, as asked.
+        sink = None if verbose else stack.enter_context(open(log, "ab"))
+        proc = subprocess.Popen(cmd, cwd=os.getcwd(), env={**os.environ, **slot.env},
+                                stdin=subprocess.DEVNULL, stdout=sink,
+                                stderr=None if verbose else subprocess.STDOUT)
+    return _Job(name, proc, slot, work.with_suffix(".json"), log, time.perf_counter())
+
+
+def _job_main(spec_path: str) -> int:
+    """Entry point of a side-by-side notebook's process: :func:`_execute`, failures to a file.
+
+    Returns:
+        0 done, 1 failed (``result`` holds the one-line message), 130 stopped.
+    """
+    spec = pickle.loads(Path(spec_path).read_bytes())  # written by this package's _start_job
+    # Stopped = interrupted: papermill then shuts the kernel down, so no kernel outlives its job.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if spec.get("cpus") and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, spec["cpus"])  # the kernel and its workers inherit it
+    try:
+        _execute(spec["label"], Path(spec["path"]), Path(spec["out"]), spec["params"],
+                 progress=False, kernel_name=spec["kernel_name"], verbose=spec["verbose"],
+                 console=sys.stdout)
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except NotebookError as exc:
+        failure = {"notebook": True, "message": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - any other failure still reaches the user in one line
+        failure = {"notebook": False, "message": f"{spec['label']}: {type(exc).__name__}: {exc}"}
+    Path(spec["result"]).write_text(json.dumps(failure), encoding="utf-8")
+    return 1
+
+
+def _failure(job: _Job) -> RuntimeError:
+    """The error a finished, failed job is reported with (one line, as in a sequential run)."""
+    try:
+        failure = json.loads(job.result.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return RuntimeError(f"{job.name}: its process ended with exit status {job.proc.returncode} "
+                            f"(log: {job.log})")
+    message = " ".join(str(failure["message"]).split())
+    return NotebookError(message) if failure.get("notebook") else RuntimeError(message)
+
+
+def _stop(jobs: Sequence[_Job]) -> None:
+    """Stop running jobs and wait for them (each shuts its kernel down first); kill stragglers."""
+    for job in jobs:
+        if job.proc.poll() is None:
+            job.proc.terminate()
+    deadline = time.monotonic() + _STOP_WAIT_S
+    for job in jobs:
+        try:
+            job.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            job.proc.kill()  # its kernel notices its parent is gone and exits (ipykernel)
+            job.proc.wait()
+        print(f"{job.name} stopped", flush=True)
+
+
+def run_side_by_side(steps: Sequence[tuple[int, tuple[str, Path, dict]]], total: int,
+                     slots: Sequence[Slot], out_dir: Path, *, kernel_name: str | None = None,
+                     verbose: bool = False, poll_s: float = 0.2) -> None:
+    """Run independent notebooks, each in its own process, up to ``len(slots)`` at a time.
+
+    Args:
+        steps: ``(number, (label, notebook, parameters))`` in plan order.
+        total: the number of notebooks in the plan (for ``[i/n]``).
+        slots: where jobs run (:func:`job_slots`).
+        out_dir: ``RUN_DIR/notebooks``: executed copies and ``<label>.stderr.log``.
+
+    Raises:
+        NotebookError: the first failed cell, in the one line a sequential run gives; the other
+            jobs are stopped and awaited first.
+    """
+    waiting, free, running = list(steps), list(slots), []
+    with tempfile.TemporaryDirectory(prefix="covidlib-jobs-") as tmp:
+        try:
+            while waiting or running:
+                while waiting and free:
+                    i, (label, path, nb_params) = waiting.pop(0)
+                    name, slot = f"[{i}/{total}] {label}", free.pop(0)
+                    if verbose:
+                        print(f"{name}: {nb_params}", flush=True)
+                    running.append(_start_job(name, path, out_dir / f"{label}.ipynb", nb_params, slot,
+                                              Path(tmp) / str(i), kernel_name=kernel_name,
+                                              verbose=verbose))
+                    print(f"{name} started on {slot.name}", flush=True)
+                done = [job for job in running if job.proc.poll() is not None]
+                if not done:
+                    time.sleep(poll_s)
+                for job in done:
+                    running.remove(job)
+                    if job.proc.returncode != 0:
+                        raise _failure(job)
+                    free.append(job.slot)
+                    print(f"{job.name} done in {_clock(time.perf_counter() - job.t0)}", flush=True)
+        finally:
+            _stop(running)
+
+
 def summary_lines(run_dir: Path) -> list[str]:
     """A few lines of test metrics from ``evaluation.json`` (empty if there is none)."""
     path = run_dir / "evaluation.json"
@@ -608,7 +948,8 @@ def summary_lines(run_dir: Path) -> list[str]:
 
 
 def run(params: dict[str, Any] | None = None, *, nb_dir: Path | None = None,
-        progress: bool = True, kernel_name: str | None = None, verbose: bool = False) -> Path:
+        progress: bool = True, kernel_name: str | None = None, verbose: bool = False,
+        parallel: int = 1, threads: int | None = None) -> Path:
     """Execute the whole notebook pipeline; return ``RUN_DIR``.
 
     Prints the plan (what each notebook will train), one progress line per notebook and its
@@ -622,11 +963,18 @@ def run(params: dict[str, Any] | None = None, *, nb_dir: Path | None = None,
         progress: show papermill's progress bar (one line per notebook).
         kernel_name: Jupyter kernel (default: the one recorded in the notebooks).
         verbose: show everything the kernels print.
+        parallel: run up to this many of the notebooks between 01 and 04 (02, every 03) at
+            once, each in its own process, on its own GPU or cores; 1 runs them in order.
+        threads: TensorFlow / OpenMP threads of every kernel (None: the libraries' defaults).
+            Results depend on it and never on ``parallel``: see the note above :class:`Slot`.
 
     Raises:
         ValueError: a parameter is refused (one line; nothing has run).
         NotebookError: a cell failed (the message names the notebook, cell and exception).
     """
+    for flag, value in (("--parallel", parallel), ("--threads", threads)):
+        if value is not None and not (_is_int(value) and value >= 1):
+            raise ValueError(f"{flag} {value!r}: expected an integer >= 1")
     params = _resolve_local_paths(dict(params or {}))
     problem = check_value("RUN_DIR", params.get("RUN_DIR"), None)  # before it becomes a Path
     if problem:
@@ -639,19 +987,40 @@ def run(params: dict[str, Any] | None = None, *, nb_dir: Path | None = None,
     print(f"covidlib run: {len(steps)} notebooks -> {run_dir}", flush=True)
     for label, path, nb_params in steps:
         print(f"  {label}: {describe_step(label, nb_params, notebook_parameters(path))}", flush=True)
+    before, side, after = _split(steps)
+    slots = job_slots(min(parallel, len(side)), threads) if parallel > 1 and len(side) > 1 else []
+    if parallel > 1:
+        print(f"  {_schedule_line(parallel, slots, len(side), threads)}", flush=True)
+    env = thread_env(threads)
+    in_order = functools.partial(_run_in_order, total=len(steps), out_dir=out_dir, progress=progress,
+                                 kernel_name=kernel_name, verbose=verbose, env=env)
     t_start = time.perf_counter()
-    for i, (label, path, nb_params) in enumerate(steps, 1):
-        t0 = time.perf_counter()
-        if verbose:
-            print(f"[{i}/{len(steps)}] {label}: {nb_params}", flush=True)
-        _execute(f"[{i}/{len(steps)}] {label}", path, out_dir / f"{label}.ipynb", nb_params,
-                 progress=progress, kernel_name=kernel_name, verbose=verbose, console=sys.stdout)
-        if not progress:
-            print(f"[{i}/{len(steps)}] {label} done in {_clock(time.perf_counter() - t0)}", flush=True)
+    if len(slots) > 1:
+        in_order(before)
+        _prepare_shared(shared_enhancements([step for _, step in side]), run_dir, env)
+        run_side_by_side(side, len(steps), slots, out_dir, kernel_name=kernel_name, verbose=verbose)
+        in_order(after)
+    else:
+        in_order(list(enumerate(steps, 1)))
     print(f"done in {_clock(time.perf_counter() - t_start)}: {run_dir}", flush=True)
     for line in summary_lines(run_dir):
         print(line)
     return run_dir
+
+
+def _run_in_order(steps: Sequence[tuple[int, tuple[str, Path, dict]]], *, total: int, out_dir: Path,
+                  progress: bool, kernel_name: str | None, verbose: bool,
+                  env: Mapping[str, str]) -> None:
+    """Execute numbered steps one after the other in this process (papermill's kernels)."""
+    for i, (label, path, nb_params) in steps:
+        t0 = time.perf_counter()
+        if verbose:
+            print(f"[{i}/{total}] {label}: {nb_params}", flush=True)
+        _execute(f"[{i}/{total}] {label}", path, out_dir / f"{label}.ipynb", nb_params,
+                 progress=progress, kernel_name=kernel_name, verbose=verbose, console=sys.stdout,
+                 extra_env=env)
+        if not progress:
+            print(f"[{i}/{total}] {label} done in {_clock(time.perf_counter() - t0)}", flush=True)
 
 
 def _clock(seconds: float) -> str:
