@@ -68,7 +68,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from covidlib import runner
 
     run_dir = runner.run(_params(args), nb_dir=Path(args.notebooks) if args.notebooks else None,
-                         progress=not args.quiet, verbose=args.verbose)
+                         progress=not args.quiet, verbose=args.verbose, parallel=args.parallel,
+                         threads=args.threads)
     for name in ("evaluation.json", "results.md"):
         if (run_dir / name).is_file():
             print(f"  {run_dir / name}")
@@ -199,7 +200,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     df = predict.predict_paths(args.paths, run_dir, args.model_dir, vote=args.vote,
                                gradcam_dir=args.gradcam, batch_size=args.batch_size,
                                window=args.window, enhanced=args.already_enhanced,
-                               allow_inside_input=inside)
+                               allow_inside_input=inside, tta=args.tta)
     out = _write_predictions_or_rescue(predict, df, out, inside)
     print(predict.format_table(df))
     print(f"{df.attrs['vote']} vote of {', '.join(df.attrs['members'])}; written: {out}")
@@ -288,6 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--verbose", action="store_true",
                    help="show everything the kernels print (TensorFlow logs included)")
+    # Ranges are checked by runner.run: 0 or -1 gets the one-line error, not a usage screen.
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="run up to N of the trainings (02, each 03) at once, each on its own GPU "
+                        "or CPU cores; 04 waits for all. Same results as a sequential run "
+                        "(default 1: one after the other)")
+    p.add_argument("--threads", type=int, metavar="T",
+                   help="TensorFlow threads per notebook (default: every core). Results depend on "
+                        "it, never on --parallel; on CPU, --parallel runs cores/T at once")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("notebooks", help="copy the numbered notebooks into a folder for JupyterLab",
@@ -321,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="image folder or manifest CSV")
     p.add_argument("dst", help="output folder")
     p.add_argument("--pipeline", default="crop+wb+clahe",
-                   help="none | crop | crop+wb | crop+clahe | crop+wb+clahe | crop+dct+wb+clahe")
+                   help="none | crop | crop+wb | crop+clahe | crop+wb+clahe | crop+dct+wb+clahe | "
+                        "lungcrop | lungcrop+wb | lungcrop+wb+clahe (lungcrop: crop to the lung field)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--modality", default="ct", choices=["ct", "xray"])
     p.add_argument("--overwrite", action="store_true", help="redo DST made with other parameters")
@@ -388,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", default="lung", help="CT window for DICOM/NIfTI: lung, mediastinum, bone")
     p.add_argument("--already-enhanced", action="store_true",
                    help="inputs already went through the run's enhancement; do not apply it again")
+    p.add_argument("--tta", type=int, default=0, metavar="N",
+                   help="test-time augmentation: average each model over the first N of 10 fixed views "
+                        "(identity, flip, small shifts, flip + shifts) and add a <NAME>:tta_sd spread "
+                        "column; 0 = off (default)")
     p.add_argument("--allow-inside-input", action="store_true",
                    help="allow writing the output inside (or beside) the input; refused by default "
                         "so that results never mix with the data")

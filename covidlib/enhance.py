@@ -6,6 +6,9 @@ AICOV-CT's published pre-processing, rebuilt so that each step does what its nam
   and drops background, scanner table and padding; uses a given bounding box (COVIDx
   ``xmin, ymin, xmax, ymax``) when there is one. The seed could only crop from a given box.
   :func:`crop_border` is the X-ray counterpart: it trims uniform borders / text margins.
+* :func:`crop_lungs` -- a tighter, lung-field crop (step ``lungcrop``): air enclosed by the
+  body, largest two regions, morphology (:func:`find_lungs`); falls back to the body crop, with
+  a warning saying why, when no plausible lung field is found. No learned weights.
 * :func:`white_balance` -- the seed's 0.05 / 99.95 percentile stretch, applied ONCE to the gray
   image (the seed stretched three identical channels separately); ``gray_world`` for true colour.
 * :func:`clahe` -- OpenCV CLAHE, clip 2.0 on a 16x16 tile grid (the seed's values).
@@ -36,6 +39,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -53,6 +57,10 @@ __all__ = [
     "crop_body",
     "crop_border",
     "body_bbox",
+    "crop_lungs",
+    "find_lungs",
+    "LungField",
+    "CROP_STEPS",
     "white_balance",
     "clahe",
     "estimate_sigma",
@@ -75,12 +83,25 @@ PIPELINES: dict[str, tuple[str, ...]] = {
     "crop+clahe": ("crop", "clahe"),
     "crop+wb+clahe": ("crop", "wb", "clahe"),
     "crop+dct+wb+clahe": ("crop", "dct", "wb", "clahe"),
+    # Lung-field crop instead of the body crop (every prefix is named, so the ablation's
+    # step-by-step preview finds each one).
+    "lungcrop": ("lungcrop",),
+    "lungcrop+wb": ("lungcrop", "wb"),
+    "lungcrop+wb+clahe": ("lungcrop", "wb", "clahe"),
 }
 
-# Pipeline parameters per step, with defaults (names are unique across steps, so ``enhance``
-# takes them flat). The X-ray border crop's parameters carry a ``border_`` prefix.
+#: Steps that crop (a manifest's bounding box no longer applies to their output).
+CROP_STEPS: tuple[str, ...] = ("crop", "lungcrop")
+
+# Pipeline parameters per step, with defaults (``enhance`` takes them flat: a name shared by
+# two steps means the same thing in both, and no pipeline has both crops). The X-ray border
+# crop's parameters carry a ``border_`` prefix; ``lungcrop`` falls back to the body crop (and
+# uses the border crop for X-ray), so it takes the body crop's parameters too.
+_CROP_PARAMS: dict[str, Any] = {"margin": 0.02, "border_tol": 0.03, "border_text_fraction": 0.05,
+                                "border_max_fraction": 0.25}
 _STEP_PARAMS: dict[str, dict[str, Any]] = {
-    "crop": {"margin": 0.02, "border_tol": 0.03, "border_text_fraction": 0.05, "border_max_fraction": 0.25},
+    "crop": dict(_CROP_PARAMS),
+    "lungcrop": {**_CROP_PARAMS, "lung_margin": 0.05},
     "dct": {"sigma": None, "block": 8, "step": 4},
     "wb": {"low": 0.05, "high": 99.95},
     "clahe": {"clip_limit": 2.0, "tile_grid": (16, 16)},
@@ -155,21 +176,28 @@ def _otsu(values: np.ndarray) -> float:
     return float(t)
 
 
-def _largest_regions(mask: np.ndarray, kernel: np.ndarray) -> tuple[int, tuple[int, int, int, int]] | None:
-    """(area of the largest component, union bbox of the big components) after an opening."""
+def _largest_regions(mask: np.ndarray, kernel: np.ndarray) -> tuple | None:
+    """(area of the largest component, union bbox of the big components, component labels,
+    label ids of the big components, OpenCV stats, centroids) after an opening."""
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
-    n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    n, labels, stats, cents = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if n <= 1:
         return None
     st = stats[1:]
     areas = st[:, cv2.CC_STAT_AREA]
     big = int(areas.max())
-    keep = st[areas >= _KEEP_FRACTION * big]
+    kept = areas >= _KEEP_FRACTION * big
+    keep = st[kept]
     x0 = int(keep[:, cv2.CC_STAT_LEFT].min())
     y0 = int(keep[:, cv2.CC_STAT_TOP].min())
     x1 = int((keep[:, cv2.CC_STAT_LEFT] + keep[:, cv2.CC_STAT_WIDTH]).max())
     y1 = int((keep[:, cv2.CC_STAT_TOP] + keep[:, cv2.CC_STAT_HEIGHT]).max())
-    return big, (x0, y0, x1, y1)
+    return big, (x0, y0, x1, y1), labels, np.flatnonzero(kept) + 1, stats, cents
+
+
+def _spans(box: tuple[int, int, int, int], shape: tuple[int, int]) -> bool:
+    """True when a box spans (almost) the whole frame."""
+    return box[2] - box[0] >= 0.95 * shape[1] and box[3] - box[1] >= 0.95 * shape[0]
 
 
 def _frame_like(area: int, box: tuple[int, int, int, int], shape: tuple[int, int]) -> bool:
@@ -178,15 +206,75 @@ def _frame_like(area: int, box: tuple[int, int, int, int], shape: tuple[int, int
     That is a region spanning (almost) the whole frame, or a filled disc (a reconstruction circle
     smaller than the frame): round bounding box, filled like a disc (pi/4 of its box).
     """
-    h, w = shape
+    if _spans(box, shape):
+        return True
     x0, y0, x1, y1 = box
     bw, bh = x1 - x0, y1 - y0
-    if bw >= 0.95 * w and bh >= 0.95 * h:
-        return True
     if min(bw, bh) == 0 or abs(bw - bh) > 0.03 * max(bw, bh):
         return False
     fill = area / float(bw * bh)
     return abs(fill - math.pi / 4) < 0.03
+
+
+@dataclass(frozen=True)
+class _Body:
+    """The body found on the shrunk analysis copy (all coordinates in its pixels)."""
+
+    box: tuple[int, int, int, int]  # union box of the kept components, end-exclusive
+    labels: np.ndarray  # component labels of the opened threshold mask
+    keep: np.ndarray  # label ids kept as body (largest + those >= _KEEP_FRACTION of it)
+    threshold: float  # gray level of the accepted threshold (body > threshold)
+    frame_like: bool  # the accepted region is the field of view, not a body
+    kernel: np.ndarray  # the opening's disc
+    spans_frame: bool  # the first level's region spanned the frame (a tight crop)
+    stats: np.ndarray  # OpenCV component stats of ``labels`` (row 0: background)
+    centroids: np.ndarray  # component centres (x, y)
+
+
+def _small_gray(img: np.ndarray) -> tuple[np.ndarray, float]:
+    """8-bit copy with the long side at most ``_MASK_SIDE`` pixels, and its scale factor."""
+    g = _gray_for_analysis(img)
+    h, w = g.shape
+    s = min(1.0, _MASK_SIDE / max(h, w))
+    if s >= 1.0:
+        return g, s
+    return cv2.resize(g, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA), s
+
+
+def _find_body(small: np.ndarray) -> _Body | None:
+    """Steps 1-2 of :func:`body_bbox` on the shrunk copy; None when nothing body-like is found."""
+    if int(small.max()) == int(small.min()):
+        return None
+    sh, sw = small.shape
+    k = max(3, int(round(0.04 * max(sh, sw))) | 1)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    min_area = _MIN_BODY_FRACTION * sh * sw
+    found = None
+    values = small.ravel()
+    for _level in range(3):
+        if values.size < 2 or int(values.min()) == int(values.max()):
+            break
+        t = _otsu(values)
+        res = _largest_regions((small > t).astype(np.uint8), kernel)
+        if res is None or res[0] < min_area:
+            break
+        frame = _frame_like(res[0], res[1], (sh, sw))
+        spans = found.spans_frame if found is not None else _spans(res[1], (sh, sw))
+        found = _Body(res[1], res[2], res[3], t, frame, kernel, spans, res[4], res[5])
+        if not frame:
+            break
+        values = values[values > t]
+    return found
+
+
+def _full_box(box: tuple[int, int, int, int], s: float, shape: tuple[int, int],
+              margin_px: int = 0) -> tuple[int, int, int, int]:
+    """A box of the shrunk copy at full resolution (floor / ceil: never lose a pixel), grown by
+    ``margin_px`` and clipped to the image."""
+    h, w = shape
+    x0, y0, x1, y1 = box
+    return (max(0, int(math.floor(x0 / s)) - margin_px), max(0, int(math.floor(y0 / s)) - margin_px),
+            min(w, int(math.ceil(x1 / s)) + margin_px), min(h, int(math.ceil(y1 / s)) + margin_px))
 
 
 def body_bbox(img: np.ndarray, margin: float = 0.02) -> tuple[int, int, int, int] | None:
@@ -208,40 +296,11 @@ def body_bbox(img: np.ndarray, margin: float = 0.02) -> tuple[int, int, int, int
         The box, or None when nothing body-like is found (blank or featureless image).
     """
     img = _check_image(img)
-    g = _gray_for_analysis(img)
-    h, w = g.shape
-    s = min(1.0, _MASK_SIDE / max(h, w))
-    small = g if s >= 1.0 else cv2.resize(g, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-    if int(small.max()) == int(small.min()):
+    small, s = _small_gray(img)
+    body = _find_body(small)
+    if body is None:
         return None
-    sh, sw = small.shape
-    k = max(3, int(round(0.04 * max(sh, sw))) | 1)
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
-    min_area = _MIN_BODY_FRACTION * sh * sw
-
-    found = None
-    values = small.ravel()
-    for _level in range(3):
-        if values.size < 2 or int(values.min()) == int(values.max()):
-            break
-        t = _otsu(values)
-        res = _largest_regions((small > t).astype(np.uint8), kernel)
-        if res is None or res[0] < min_area:
-            break
-        found = res[1]
-        if not _frame_like(res[0], res[1], (sh, sw)):
-            break
-        values = values[values > t]
-    if found is None:
-        return None
-    x0, y0, x1, y1 = found
-    # Map back to full resolution (floor / ceil: never lose a body pixel), add the margin.
-    m = int(round(margin * max(h, w)))
-    x0 = max(0, int(math.floor(x0 / s)) - m)
-    y0 = max(0, int(math.floor(y0 / s)) - m)
-    x1 = min(w, int(math.ceil(x1 / s)) + m)
-    y1 = min(h, int(math.ceil(y1 / s)) + m)
-    return x0, y0, x1, y1
+    return _full_box(body.box, s, img.shape, int(round(margin * max(img.shape))))
 
 
 def _check_bbox(bbox: Sequence[Any], shape: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -345,6 +404,320 @@ def crop_border(
     left = depth(img[:, :mw].T)
     right = depth(img[:, w - mw :][:, ::-1].T) if mw else 0
     return img[top : h - bottom, left : w - right].copy()
+
+
+# --------------------------------------------------------------------------------------------
+# Lung-field crop
+# --------------------------------------------------------------------------------------------
+
+# Air covering less than this fraction of the body's cross-section is no plausible lung field
+# (mid-chest slices: 25-50 %; the apex and the recesses just above the diaphragm: about 5 %).
+_MIN_LUNG_FRACTION = 0.03
+# The second enclosed air region is the other lung only when it is at least this fraction of the
+# first; smaller ones (trachea, oesophagus, a lone bowel-gas bubble) are left out.
+_SECOND_LUNG_FRACTION = 0.1
+# An air region is a lung only when at most this share of its contour borders the outside of
+# the body: a lung reaching a chest wall thinner than a pixel of the analysis copy does so
+# along a short arc, air outside the body caught in the torso's convex hull along a chord.
+_MAX_OPEN_FRACTION = 0.2
+# Tissue on at least this share of the frame's perimeter: the image is cropped to the chest
+# already (whole-field-of-view slices: under 10 %).
+_TIGHT_FRAME_FRACTION = 0.15
+# In an image cropped to the chest, a lung may border the frame along at most this share of its
+# contour.
+_MAX_FRAME_FRACTION = 0.4
+# Aerated lung is denser than air (about -850 against -1000 HU): in a lung window some 25 gray
+# levels brighter than the air outside the body; an outside-air pocket is not brighter at all.
+_AIR_CONTRAST = 5.0
+
+
+@dataclass(frozen=True)
+class LungField:
+    """What :func:`find_lungs` found in one image.
+
+    Attributes:
+        box: ``(xmin, ymin, xmax, ymax)`` end-exclusive crop box (lungs + margin), or None.
+        mask: full-resolution boolean lung mask (vessels and lesions inside filled in), or None.
+        reason: why no lung field was accepted ("" when one was).
+        fallback: what :func:`crop_lungs` does without a lung field: ``"body"`` (body crop) or
+            ``"none"`` (no crop: no body found, or an image cropped to the chest already, where
+            the body crop often finds the mediastinum alone and would cut the lungs off).
+    """
+
+    box: tuple[int, int, int, int] | None
+    mask: np.ndarray | None
+    reason: str
+    fallback: str = "body"
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (0/1) plus every background region not connected to the image border."""
+    h, w = mask.shape
+    pad = np.zeros((h + 2, w + 2), np.uint8)
+    pad[1:-1, 1:-1] = mask
+    cv2.floodFill(pad, np.zeros((h + 4, w + 4), np.uint8), (0, 0), 2)  # the outside becomes 2
+    return (pad[1:-1, 1:-1] != 2).astype(np.uint8)
+
+
+def _torso(body: _Body) -> int:
+    """Label id of the largest kept body component (the torso)."""
+    return int(body.keep[np.argmax(body.stats[body.keep, cv2.CC_STAT_AREA])])
+
+
+def _body_parts(body: _Body) -> np.ndarray:
+    """Label ids of the body's parts: the kept components, and pieces of chest wall beside them.
+
+    The opening breaks a thin lateral chest wall into pieces too small to be kept with the
+    torso; a piece is taken when it is at least 2% of the torso, its centre lies level with the
+    body (a table lies below it) and it reaches past the body's box to the left or right (a
+    piece between the lungs of a lung-masked image does not).
+    """
+    st, cy = body.stats, body.centroids[:, 1]
+    x0, y0, x1, y1 = body.box
+    left, right = st[:, cv2.CC_STAT_LEFT], st[:, cv2.CC_STAT_LEFT] + st[:, cv2.CC_STAT_WIDTH]
+    ok = ((st[:, cv2.CC_STAT_AREA] >= 0.02 * st[_torso(body), cv2.CC_STAT_AREA])
+          & (cy >= y0) & (cy < y1) & ((left < x0) | (right > x1)))
+    ok[0] = False  # background
+    return np.union1d(body.keep, np.flatnonzero(ok))
+
+
+def _body_inside(sm: np.ndarray, body: _Body) -> tuple[np.ndarray, np.ndarray]:
+    """The body's region to search: its walls with all they enclose plus their convex hull, and
+    the enclosed part alone (bool masks)."""
+    parts = np.isin(body.labels, _body_parts(body)).astype(np.uint8)
+    # The opening cuts thin chest walls; the unopened threshold mask keeps them, so the lungs
+    # are enclosed: its components that hold a body part make the wall.
+    raw = (sm > body.threshold).astype(np.uint8)
+    _, raw_labels = cv2.connectedComponents(raw, connectivity=8)
+    hit = np.unique(raw_labels[parts > 0])
+    wall = np.isin(raw_labels, hit[hit > 0]).astype(np.uint8)
+    # A chest cross-section is close to convex: a lung reaching a wall too thin for this copy,
+    # or cut by the frame of a tightly cropped figure, still lies inside the body's convex hull.
+    hull = np.zeros_like(wall)
+    contours, _ = cv2.findContours(parts, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.fillConvexPoly(hull, cv2.convexHull(np.vstack(contours)), 1)
+    enclosed = _fill_holes(wall)
+    return (enclosed | hull).astype(bool), enclosed.astype(bool)
+
+
+def _enclosed_air(sm: np.ndarray, inside: np.ndarray, box: tuple[int, int, int, int],
+                  frame_outside: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Air regions inside the body, and how much of each one's contour borders the outside.
+
+    The threshold is Otsu's on the body's own pixels: exports come with unknown windows, so no
+    fixed gray level means a fixed HU value, while aerated lung against soft tissue is bimodal
+    in any lung or mediastinal window. Candidates have their centre in ``box`` (not in air
+    caught between the body and a table).
+
+    Returns:
+        ``(labels, ids, open_share, stats)``: ids sorted by decreasing area; per label, the
+        share of its contour bordering the outside of ``inside`` (the frame too when
+        ``frame_outside``) and OpenCV's component stats (box, area) with the centre column
+        appended.
+    """
+    t = _otsu(sm[inside])
+    air = (inside & (sm <= t)).astype(np.uint8)
+    n, labels, stats, cents = cv2.connectedComponentsWithStats(air, connectivity=4)
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    contour = air.astype(bool) & ~cv2.erode(np.pad(air, 1), cross)[1:-1, 1:-1].astype(bool)
+    outside = np.pad(~inside, 1, constant_values=frame_outside).astype(np.uint8)
+    open_px = contour & cv2.dilate(outside, cross)[1:-1, 1:-1].astype(bool)
+    share = np.bincount(labels[open_px], minlength=n) / np.maximum(np.bincount(labels[contour], minlength=n), 1)
+    x0, y0, x1, y1 = box
+    ok = (cents[:, 0] >= x0) & (cents[:, 0] < x1) & (cents[:, 1] >= y0) & (cents[:, 1] < y1)
+    ids = np.flatnonzero(ok[1:]) + 1
+    stats = np.column_stack([stats, cents[:, 0]])
+    return labels, ids[np.argsort(-stats[ids, cv2.CC_STAT_AREA], kind="stable")], share, stats
+
+
+def _pick_lungs(sm: np.ndarray, inside: np.ndarray, enclosed: np.ndarray, box: tuple[int, int, int, int],
+                frame_outside: bool, kernel: np.ndarray, mid: float, max_open: float
+                ) -> tuple[np.ndarray | None, str, int]:
+    """The lung mask among the air in ``inside`` (None and the reason when there is none) and how
+    many lungs it holds.
+
+    The first lung is the largest air region bordering the outside along at most ``max_open``
+    of its contour, at least half the plausible lung area on its own, and either lying mostly
+    in ``enclosed`` (enclosed by the body's walls, not only by its hull) or brighter on average
+    than the air outside the body by ``_AIR_CONTRAST`` gray levels (aerated lung is denser than
+    air): the black gap between the lungs of a lung-masked image is neither. The second the next
+    such region, else one beside the first across the midline ``mid`` (its centre across it,
+    no column shared with the first, rows overlapping by half) bordering the outside along up
+    to twice that -- a lung behind a chest wall too thin to see; outside air caught in the
+    body's hull does not sit beside a lung like that -- when it is at least
+    ``_SECOND_LUNG_FRACTION`` of the first.
+    """
+    vals = sm[inside]
+    if int(vals.min()) == int(vals.max()):
+        return None, "the body region is featureless", 0
+    labels, ids, share, st = _enclosed_air(sm, inside, box, frame_outside)
+    area = st[:, cv2.CC_STAT_AREA]
+    lung_like = np.bincount(labels[enclosed], minlength=len(area)) >= 0.5 * area
+    if not inside.all():
+        mean = np.bincount(labels.ravel(), weights=sm.ravel(), minlength=len(area)) / np.maximum(area, 1)
+        lung_like |= mean >= float(np.median(sm[~inside])) + _AIR_CONTRAST
+    strict = ids[(share[ids] <= max_open) & lung_like[ids]]
+    if strict.size == 0 or area[strict[0]] < 0.5 * _MIN_LUNG_FRACTION * inside.sum():
+        return None, ("no air enclosed by the body (an image already masked to the lungs, "
+                      "a slice below the lungs, or no CT slice)"), 0
+    first = strict[0]
+    left, top = st[:, cv2.CC_STAT_LEFT], st[:, cv2.CC_STAT_TOP]
+    right, bottom = left + st[:, cv2.CC_STAT_WIDTH], top + st[:, cv2.CC_STAT_HEIGHT]
+    rows = np.minimum(bottom, bottom[first]) - np.maximum(top, top[first])
+    beside = (((st[:, -1] - mid) * (st[first, -1] - mid) < 0)
+              & ((right <= left[first]) | (left >= right[first]))
+              & (rows >= 0.5 * np.minimum(st[:, cv2.CC_STAT_HEIGHT], st[first, cv2.CC_STAT_HEIGHT])))
+    others = ids[(ids != first) & (area[ids] >= _SECOND_LUNG_FRACTION * area[first])]
+    rest = np.concatenate([others[share[others] <= max_open],
+                           others[beside[others] & (share[others] > max_open) & (share[others] <= 2 * max_open)]])
+    chosen = [first] + [int(i) for i in rest[:1]]
+    lung = np.isin(labels, chosen).astype(np.uint8)
+    # Vessels, nodules and dense lesions inside a lung are tissue-bright: close and fill them in.
+    lung = _fill_holes(cv2.morphologyEx(lung, cv2.MORPH_CLOSE, kernel)).astype(bool) & inside
+    frac = float(lung.sum()) / float(inside.sum())
+    if frac < _MIN_LUNG_FRACTION:
+        return None, (f"enclosed air covers {frac:.1%} of the body (< {_MIN_LUNG_FRACTION:.0%}): "
+                      "no plausible lung field"), 0
+    return lung, "", len(chosen)
+
+
+@dataclass(frozen=True)
+class _LungSearch:
+    lung: np.ndarray | None  # lung mask on the shrunk copy
+    inside: np.ndarray  # the body region searched
+    reason: str  # why no lung field ("" when found)
+    tight: bool  # the image is cropped to the chest already
+    mid: float  # midline column the box is mirrored about
+    n_lungs: int  # regions in the mask (1: the box is mirrored about ``mid``)
+
+
+def _lung_mask_small(small: np.ndarray, body: _Body) -> _LungSearch:
+    """The lung search on the shrunk copy.
+
+    ``tight``: the image is cropped to the chest already (a figure, or our own lung crop): the
+    first threshold's region spans the frame, or tissue covers at least
+    ``_TIGHT_FRAME_FRACTION`` of the frame's perimeter. The body found there is often the
+    mediastinum alone, the chest wall being cut into pieces by the frame; so the whole frame is
+    taken as the body first (midline: the frame's centre), then the body found.
+    """
+    sm = cv2.medianBlur(small, 3)  # CT noise would bridge lungs and outside air pixel by pixel
+    tissue = sm > body.threshold
+    rim = np.concatenate([tissue[0], tissue[-1], tissue[:, 0], tissue[:, -1]])
+    tight = body.spans_frame or bool(rim.mean() >= _TIGHT_FRAME_FRACTION)
+    lung = None
+    if tight:
+        # Lungs cut by the frame border it along a short stretch; dark strips along the frame
+        # (figure borders, background beside a radiograph's body) along half their contour.
+        inside, mid = np.ones(sm.shape, bool), sm.shape[1] / 2.0
+        lung, reason, n = _pick_lungs(sm, inside, inside, (0, 0, sm.shape[1], sm.shape[0]), True, body.kernel,
+                                      mid, _MAX_FRAME_FRACTION)
+    if lung is None:
+        (inside, enclosed), mid = _body_inside(sm, body), (body.box[0] + body.box[2]) / 2.0
+        lung, reason, n = _pick_lungs(sm, inside, enclosed, body.box, body.frame_like, body.kernel, mid,
+                                      _MAX_OPEN_FRACTION)
+    return _LungSearch(lung, inside, reason, tight, mid, n)
+
+
+def _lung_box(found: _LungSearch) -> tuple[int, int, int, int]:
+    """The lung mask's box; with one lung only, widened to be symmetric about the midline.
+
+    A lung that is dense from end to end (white-out, large effusion) is not air and would be cut
+    off; the mirror image of the other lung's extent keeps it in the crop.
+    """
+    ys, xs = np.nonzero(found.lung)
+    x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    if found.n_lungs > 1:
+        return x0, y0, x1, y1
+    mid = found.mid
+    bx = np.nonzero(found.inside.any(axis=0))[0]
+    return (max(int(bx[0]), min(x0, int(math.floor(2 * mid - x1)))), y0,
+            min(int(bx[-1]) + 1, max(x1, int(math.ceil(2 * mid - x0)))), y1)
+
+
+def find_lungs(img: np.ndarray, margin: float = 0.05) -> LungField:
+    """Find the lung field of a CT slice (classical: no learned weights).
+
+    On a copy shrunk to 128 px and median-filtered (noise would bridge lungs and outside air):
+
+    1. The body as :func:`body_bbox` finds it; its cross-section is the unopened threshold
+       mask's components that hold it (and pieces of a thin lateral chest wall beside it), with
+       all they enclose filled in, plus their convex hull (a lung behind a wall too thin for
+       the copy stays inside). In an image cropped to the chest already (tissue along the
+       frame) the whole frame is searched first.
+    2. Air: pixels of that region at or below Otsu's threshold of the region's own pixels.
+    3. Air regions whose centre lies outside the body's box (air between body and table) are
+       dropped. The first lung is the largest region whose contour borders the outside of the
+       body along at most a fifth (outside air caught in the hull borders it along a chord),
+       and at least 1.5% of the body; the second, at least a tenth of the first, is the next
+       such region, or one level with the first across the midline bordering the outside along
+       up to two fifths (a lung behind a wall too thin to see). The mask is closed and filled
+       (vessels, nodules, lesions inside a lung); all of it must be 3% of the body.
+    4. The mask's box -- with one lung only, widened to be symmetric about the midline (a
+       white-out lung is no air, and would be cut off) -- is grown by ``margin`` (fraction of
+       the larger image side; a table lies well below the lungs' bases, behind the spine and
+       back muscles).
+
+    Returns:
+        A :class:`LungField`; ``box`` None with the ``reason`` when no plausible lung field is
+        found: blank or featureless image, no enclosed air (an image already masked to the
+        lungs, a slice below the lungs, no CT slice), or enclosed air under 3% of the body.
+    """
+    img = _check_image(img)
+    if not 0 <= margin < 0.5:
+        raise ValueError(f"lung margin must be a fraction of the image side in [0, 0.5), got {margin!r}")
+    small, s = _small_gray(img)
+    body = _find_body(small)
+    if body is None:
+        return LungField(None, None, "no body-like region found (blank or featureless image)", "none")
+    found = _lung_mask_small(small, body)
+    if found.lung is None:
+        if found.tight:
+            return LungField(None, None, found.reason + " in an image cropped to the chest already", "none")
+        return LungField(None, None, found.reason)
+    h, w = img.shape
+    box = _full_box(_lung_box(found), s, (h, w), int(round(margin * max(h, w))))
+    mask = cv2.resize(found.lung.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+    return LungField(box, mask, "")
+
+
+def crop_lungs(
+    img: np.ndarray,
+    bbox: Sequence[float] | None = None,
+    margin: float = 0.02,
+    lung_margin: float = 0.05,
+) -> np.ndarray:
+    """Crop a CT slice to its lung field (:func:`find_lungs`), so a model sees the lungs rather
+    than background, table, arms or burned-in text.
+
+    Args:
+        img: 2-D ``uint8`` / ``uint16`` image.
+        bbox: optional body box ``(xmin, ymin, xmax, ymax)`` (end-exclusive, COVIDx): the image
+            is cut to it first and the lungs are searched inside it.
+        margin: the body crop's margin, used when falling back (see :func:`crop_body`).
+        lung_margin: grow the lung box by this fraction of the larger image side.
+
+    Returns:
+        The cropped image (a copy, same dtype, never empty). When no plausible lung field is
+        found it falls back, with a ``UserWarning`` that says why, to the given box, else to
+        :func:`crop_body`, or to no crop when :attr:`LungField.fallback` says so (no body, or
+        an image already cropped to the chest).
+    """
+    img = _check_image(img)
+    if not 0 <= margin < 0.5:
+        raise ValueError(f"margin must be a fraction of the image side in [0, 0.5), got {margin!r}")
+    if bbox is not None:
+        img = crop_body(img, bbox)
+    field = find_lungs(img, lung_margin)
+    if field.box is not None:
+        x0, y0, x1, y1 = field.box
+        return img[y0:y1, x0:x1].copy()
+    if bbox is not None or field.fallback == "none":
+        warnings.warn(f"crop_lungs: {field.reason}; returned {'the given box' if bbox is not None else 'uncropped'}",
+                      UserWarning, stacklevel=2)
+        return img.copy()
+    warnings.warn(f"crop_lungs: {field.reason}; used the body crop instead", UserWarning, stacklevel=2)
+    x0, y0, x1, y1 = body_bbox(img, margin) or (0, 0, img.shape[1], img.shape[0])
+    return img[y0:y1, x0:x1].copy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -696,11 +1069,13 @@ def _normalise_params(steps: tuple[str, ...], params: dict[str, Any]) -> dict[st
             raise ValueError(f"{name}={v} out of range [{lo}, {hi}]")
         return v
 
-    if "crop" in steps:
+    if any(step in CROP_STEPS for step in steps):
         out["margin"] = num("margin", 0.0, 0.5, hi_open=True)
         out["border_tol"] = num("border_tol", 0.0, 1.0)
         out["border_text_fraction"] = num("border_text_fraction", 0.0, 1.0, hi_open=True)
         out["border_max_fraction"] = num("border_max_fraction", 0.0, 0.5, hi_open=True)
+    if "lungcrop" in steps:
+        out["lung_margin"] = num("lung_margin", 0.0, 0.5, hi_open=True)
     if "dct" in steps:
         out["block"] = integer("block", 2, 64)
         out["step"] = integer("step", 1, out["block"])
@@ -727,10 +1102,11 @@ def pipeline_config(pipeline: str = "crop+wb+clahe", modality: str = "ct", **par
 
     Args:
         pipeline: a name from :data:`PIPELINES`.
-        modality: ``"ct"`` (body crop) or ``"xray"`` (border crop).
+        modality: ``"ct"`` (body / lung crop) or ``"xray"`` (border crop).
         **params: step parameters overriding the defaults (``margin``, ``border_tol``,
-            ``border_text_fraction``, ``border_max_fraction``, ``sigma``, ``block``, ``step``,
-            ``low``, ``high``, ``clip_limit``, ``tile_grid``); only those of the pipeline's steps.
+            ``border_text_fraction``, ``border_max_fraction``, ``lung_margin``, ``sigma``,
+            ``block``, ``step``, ``low``, ``high``, ``clip_limit``, ``tile_grid``); only those of
+            the pipeline's steps.
 
     Returns:
         ``{"name", "steps", "modality", "params", "version"}`` with every parameter of the
@@ -758,6 +1134,12 @@ def _run_steps(img: np.ndarray, steps: Sequence[str], p: dict[str, Any], bbox, m
                 img = crop_body(img, bbox, p["margin"])
             else:
                 img = crop_border(img, p["border_tol"], p["border_text_fraction"], p["border_max_fraction"])
+        elif step == "lungcrop":
+            # Radiographs have no air enclosed by tissue to find: they get the border crop.
+            if bbox is not None or modality == "ct":
+                img = crop_lungs(img, bbox, p["margin"], p["lung_margin"])
+            else:
+                img = crop_border(img, p["border_tol"], p["border_text_fraction"], p["border_max_fraction"])
         elif step == "dct":
             img = dct_denoise(img, p["sigma"], p["block"], p["step"])
         elif step == "wb":
@@ -780,8 +1162,9 @@ def enhance(
     """Run a named enhancement pipeline on one image.
 
     Steps run in the pipeline's order: ``crop`` (:func:`crop_body` for CT or whenever ``bbox`` is
-    given, :func:`crop_border` for X-ray), ``dct`` (:func:`dct_denoise`, on the source bit
-    depth), ``wb`` (:func:`white_balance`, percentile), ``clahe`` (:func:`clahe`; a ``uint16``
+    given, :func:`crop_border` for X-ray), ``lungcrop`` (:func:`crop_lungs` for CT or whenever
+    ``bbox`` is given -- inside the box --, :func:`crop_border` for X-ray), ``dct``
+    (:func:`dct_denoise`, on the source bit depth), ``wb`` (:func:`white_balance`, percentile), ``clahe`` (:func:`clahe`; a ``uint16``
     image not yet stretched is range-scaled to ``uint8`` first). The result is always ``uint8``:
     a ``uint16`` image left after the last step is range-scaled (``covidlib.io.to_uint8``).
 
@@ -1583,7 +1966,7 @@ def enhance_manifest(
     ok = [st != "failed" for st, _, _ in per_task]
     res = df.loc[ok].copy()
     res["path"] = [os.path.abspath(o) for o, good in zip(outs, ok) if good]
-    if "crop" in cfg["steps"]:
+    if any(step in CROP_STEPS for step in cfg["steps"]):
         res = res.drop(columns=[c for c in config.BBOX_COLUMNS if c in res.columns])
     res = res.reset_index(drop=True)
     on_disk = res.copy()

@@ -26,6 +26,10 @@ Conventions (the metrics block of docs/CONTRACTS.md):
 
 Bootstrap resamples are represented as a weight matrix (resample x image: how often each
 image was drawn), which makes every metric a vectorised weighted computation.
+
+Test-time augmentation (:func:`tta_split_predictions`, :func:`evaluate_tta`, :func:`tta_by_patient`)
+re-runs a run's saved models on a split with the views of :data:`covidlib.predict.TTA_TRANSFORMS`;
+keras is imported only inside those functions.
 """
 from __future__ import annotations
 
@@ -822,3 +826,197 @@ def evaluate_predictions(
         }
     out["classes"] = classes
     return to_jsonable(out)
+
+
+# --------------------------------------------------------------------------------------
+# test-time augmentation (TTA) on a run's saved models
+# --------------------------------------------------------------------------------------
+
+TTA_SD_DEFINITION = ("tta_sd: population SD, across the test-time augmentation views, of the "
+                     "probability of the class the TTA mean predicts (0 = views agree, at most 0.5)")
+
+
+def _read_split(model_dir: Any, split: str) -> pd.DataFrame:
+    path = os.path.join(os.fspath(model_dir), f"predictions_{split}.csv")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: train the model first (notebook 03 / `covidlib train`)")
+    return pd.read_csv(path, dtype={"patient_id": str}, keep_default_na=False)
+
+
+def tta_split_predictions(
+    model_dir: str | os.PathLike,
+    split: str = "test",
+    tta: int = 4,
+    *,
+    images: np.ndarray | None = None,
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """A saved model's test-time-augmented predictions on one split of its run.
+
+    The rows and their order are those of the model's ``predictions_<split>.csv`` (written when it
+    was trained; its paths point at the images it was trained on, enhanced copies included). Each
+    image is read and resized as the array store keeps it (:func:`covidlib.data.read_resized`),
+    unless ``images`` gives them already.
+
+    Args:
+        model_dir: ``RUN_DIR/models/<NAME>``.
+        split: ``"val"`` or ``"test"``.
+        tta: number of views, 1..len(:data:`covidlib.predict.TTA_TRANSFORMS`) (1 = identity only:
+            the saved predictions again, up to float rounding).
+        images: optional ``(n, S, S)`` uint8 array aligned with the split's rows (e.g. an
+            ``ArrayStore``'s ``images[rows]``), ``S`` the model's input size.
+        batch_size: images per forward pass.
+
+    Returns:
+        ``path, patient_id, label, p_<class>...`` (TTA means, uncalibrated) and ``tta_sd``
+        (:data:`TTA_SD_DEFINITION`); ``df.attrs["tta"]`` names the views.
+    """
+    from covidlib.predict import TTA_SHIFT, TTA_TRANSFORMS, predict_tta
+    from covidlib.runs import load_model_dir
+
+    if isinstance(tta, bool) or not isinstance(tta, (int, np.integer)) or not 1 <= tta <= len(TTA_TRANSFORMS):
+        raise ValueError(f"tta must be an int from 1 to {len(TTA_TRANSFORMS)}, got {tta!r}")
+    base = _read_split(model_dir, split)
+    model, classes, cfg = load_model_dir(model_dir)
+    size = int(cfg["img_size"])
+    if images is None:
+        from covidlib.data import read_resized
+
+        images = np.stack([read_resized(p, size) for p in base["path"]]) if len(base) else \
+            np.zeros((0, size, size), np.uint8)
+    images = np.asarray(images)
+    if images.shape != (len(base), size, size):
+        raise ValueError(f"images has shape {images.shape}; the {split} split needs ({len(base)}, {size}, {size})")
+    out = base[["path", "patient_id", "label"]].copy()
+    mean = np.zeros((len(base), len(classes)))
+    sd = np.zeros(len(base))
+    if len(base):
+        mean, sd = predict_tta(model, images.astype(np.float32)[..., None], int(tta), batch_size)
+    for j, c in enumerate(classes):
+        out[f"p_{c}"] = mean[:, j]
+    out["tta_sd"] = sd
+    out.attrs["tta"] = {"n_views": int(tta), "views": list(TTA_TRANSFORMS[:tta]), "shift": TTA_SHIFT}
+    out.attrs["classes"] = list(classes)
+    return out
+
+
+def tta_by_patient(df: pd.DataFrame, classes: Sequence[str], method: str = "mean", k: int = 3) -> pd.DataFrame:
+    """Patient-level TTA outputs: :func:`aggregate_by_patient` on the TTA means, plus the mean and
+    the largest slice ``tta_sd`` of each patient.
+
+    Returns:
+        ``patient_id, label, p_<class>..., n_images, tta_sd_mean, tta_sd_max``, patients in order
+        of first appearance.
+    """
+    classes = list(classes)
+    y, p = predictions_to_arrays(df, classes)
+    pids, yp, pp = aggregate_by_patient(p, df["patient_id"].astype(str).to_numpy(), y, method=method, k=k)
+    out = pd.DataFrame({"patient_id": pids, "label": [classes[i] for i in yp]})
+    for j, c in enumerate(classes):
+        out[f"p_{c}"] = pp[:, j]
+    grouped = df.assign(patient_id=df["patient_id"].astype(str)).groupby("patient_id", sort=False)
+    out["n_images"] = grouped.size().reindex(pids).to_numpy()
+    if "tta_sd" in df.columns:
+        out["tta_sd_mean"] = grouped["tta_sd"].mean().reindex(pids).to_numpy()
+        out["tta_sd_max"] = grouped["tta_sd"].max().reindex(pids).to_numpy()
+    return out
+
+
+def _aligned(df: pd.DataFrame, order: pd.Series) -> pd.DataFrame:
+    """``df`` in the row order of the paths ``order`` (members may list a split differently)."""
+    return df.set_index("path").loc[list(order)].reset_index()
+
+
+def _tta_vote_block(base_test: pd.DataFrame, base_val: pd.DataFrame | None, test_p: list[np.ndarray],
+                    val_p: list[np.ndarray] | None, classes: list[str], method: str,
+                    n_boot: int, seed: int) -> dict:
+    """The vote's metrics block on the members' TTA means (weights fitted on validation)."""
+    from covidlib import ensemble
+
+    kind = ensemble.output_kind(method)
+    weights = None
+    if method == "weighted":
+        if not val_p:
+            raise ValueError("the weighted vote needs validation predictions to fit its weights")
+        weights = ensemble.fit_vote_weights(val_p, predictions_to_arrays(base_val, classes)[0])
+
+    def table(base: pd.DataFrame, probs: list[np.ndarray]) -> pd.DataFrame:
+        out = base[["path", "patient_id", "label"]].copy()
+        values = ensemble.combine(probs, method, weights)
+        for j, c in enumerate(classes):
+            out[f"{OUTPUT_PREFIX[kind]}{c}"] = values[:, j]
+        return out
+
+    val_table = table(base_val, val_p) if val_p else None
+    block = evaluate_predictions(table(base_test, test_p), classes, val_table, n_boot=n_boot, seed=seed,
+                                 output=kind)
+    return {"method": method, "weights": weights, **block}
+
+
+def evaluate_tta(
+    run_dir: str | os.PathLike,
+    backbones: Sequence[str],
+    tta: int = 4,
+    *,
+    vote: str | None = "soft",
+    n_boot: int = 1000,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict:
+    """Metrics of a run's saved models with test-time augmentation, next to their plain ones.
+
+    For every backbone: TTA predictions on the test split (and on validation, which tunes the
+    temperature and the patient aggregation exactly as for the plain predictions), the metrics
+    block of :func:`evaluate_predictions` (``patient_level`` aggregates the TTA outputs with
+    :func:`aggregate_by_patient`), ``tta_sd_mean``, and ``vs_plain``: a paired bootstrap
+    (:func:`paired_bootstrap_diff`, patients resampled when there are patient ids) of TTA minus
+    the saved plain predictions. ``vote`` (None: no vote) combines the members' TTA means.
+
+    Returns:
+        ``{"tta": {n_views, views, shift, uncertainty}, "models": {NAME: block}, "ensemble": block
+        | None}``, JSON-ready (:func:`to_jsonable`): an ``evaluation_tta`` entry for
+        ``evaluation.json``.
+    """
+    backbones = list(backbones)
+    if not backbones:
+        raise ValueError("backbones is empty: nothing to evaluate")
+    models = os.path.join(os.fspath(run_dir), "models")
+    blocks: dict[str, dict] = {}
+    test_p: list[np.ndarray] = []
+    val_p: list[np.ndarray] = []
+    base_test = base_val = None
+    classes: list[str] = []
+    info: dict = {}
+    for name in backbones:
+        d = os.path.join(models, name)
+        test = tta_split_predictions(d, "test", tta, batch_size=batch_size)
+        has_val = os.path.isfile(os.path.join(d, "predictions_val.csv"))
+        val = tta_split_predictions(d, "val", tta, batch_size=batch_size) if has_val else None
+        if base_test is None:
+            classes, info, base_test, base_val = test.attrs["classes"], test.attrs["tta"], test, val
+        elif test.attrs["classes"] != classes:
+            raise ValueError(f"{name} was trained on classes {test.attrs['classes']}, others on {classes}")
+        test = _aligned(test, base_test["path"])
+        blocks[name] = _member_tta_block(d, test, val, classes, n_boot, seed)
+        test_p.append(predictions_to_arrays(test, classes)[1])
+        if val is not None and base_val is not None:
+            val_p.append(predictions_to_arrays(_aligned(val, base_val["path"]), classes)[1])
+    ens = None
+    if vote is not None:
+        ens = _tta_vote_block(base_test, base_val, test_p, val_p if len(val_p) == len(test_p) else None,
+                              classes, vote, n_boot, seed)
+    return to_jsonable({"tta": {**info, "uncertainty": TTA_SD_DEFINITION}, "models": blocks,
+                        "ensemble": ens})
+
+
+def _member_tta_block(model_dir: str, test: pd.DataFrame, val: pd.DataFrame | None, classes: list[str],
+                      n_boot: int, seed: int) -> dict:
+    """One member's TTA metrics block, its mean spread and the paired difference to plain."""
+    block = evaluate_predictions(test, classes, val, n_boot=n_boot, seed=seed)
+    block["tta_sd_mean"] = float(test["tta_sd"].mean()) if len(test) else None
+    plain = _aligned(_read_split(model_dir, "test"), test["path"])
+    y, p_tta = predictions_to_arrays(test, classes)
+    block["vs_plain"] = paired_bootstrap_diff(y, p_tta, predictions_to_arrays(plain, classes)[1], classes,
+                                              groups=_patient_ids(test), n_boot=n_boot, seed=seed)
+    block["vs_plain_note"] = "a: TTA, b: the saved plain predictions; diff = a - b, paired bootstrap"
+    return block

@@ -7,7 +7,7 @@ member was trained (the enhancement recorded in its ``config.json``, then
 :func:`covidlib.ensemble.combine`. One row per image::
 
     path, prediction, vote:p_<class>... | vote:score_<class>..., vote:votes, vote:agreement,
-    <NAME>:p_<class>..., [gradcam_<NAME>..., gradcam_vote], error
+    <NAME>:p_<class>..., [<NAME>:tta_sd], [gradcam_<NAME>..., gradcam_vote], error
 
 What the numbers are (:func:`describe_columns`; also ``df.attrs["columns"]``, the
 ``<out>.columns.json`` file next to a written CSV, and a line of :func:`format_table`):
@@ -19,6 +19,10 @@ What the numbers are (:func:`describe_columns`; also ``df.attrs["columns"]``, th
   it never carries a ``p_`` name.
 * ``vote:votes``: how many members' own top class is the vote's class; ``vote:agreement``: that
   divided by the number of members (1.0 = unanimous).
+* with test-time augmentation (``tta=N``, :func:`predict_tta`): each member's ``p_<class>`` is the
+  mean over N fixed views (:data:`TTA_TRANSFORMS`), the vote combines those means, and
+  ``<NAME>:tta_sd`` is the spread across the views of the probability of the class the member
+  predicts (population SD, 0..0.5). ``tta=0`` (the default) is the plain prediction.
 
 A file that cannot be read, an image that ingestion would refuse (:func:`covidlib.io.image_problem`:
 too small, blank) and a folder that cannot be listed get a row with only ``path`` and ``error``
@@ -31,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -43,6 +46,7 @@ import pandas as pd
 
 from covidlib import config
 from covidlib import io as cio
+from covidlib.fsutil import slug
 
 __all__ = [
     "Member",
@@ -57,11 +61,28 @@ __all__ = [
     "describe_columns",
     "columns_path",
     "check_outputs",
+    "TTA_TRANSFORMS",
+    "tta_views",
+    "predict_tta",
 ]
 
 _MEMBER_NOTE = "softmax probability of member {name}, uncalibrated (no temperature scaling)"
 _VOTES_NOTE = "number of members whose own top class is the vote's class"
 _AGREEMENT_NOTE = "vote:votes / number of members (1.0 = unanimous)"
+
+#: Test-time augmentation views, in this fixed order: ``tta=N`` averages the first ``N`` (N=1 is
+#: the identity alone). Only transforms inside the training augmentation's range
+#: (:class:`covidlib.models.RandomAffine`: horizontal flip, shifts up to 6 % of the side).
+TTA_TRANSFORMS: tuple[str, ...] = (
+    "identity", "hflip", "shift_right", "shift_left", "shift_down", "shift_up",
+    "hflip+shift_right", "hflip+shift_left", "hflip+shift_down", "hflip+shift_up",
+)
+#: A TTA shift moves the image by this fraction of its side (at least 1 pixel), filling with 0
+#: as the training warp does: half the training augmentation's largest shift.
+TTA_SHIFT = 0.03
+_TTA_SD_NOTE = ("test-time augmentation spread of member {name}: population SD, across the {n} views "
+                "({views}), of its probability of the class its TTA mean predicts; 0 = views agree, "
+                "at most 0.5")
 
 
 @dataclass
@@ -345,23 +366,76 @@ def _prepare(img: np.ndarray, member: Member, enhanced: bool) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- predicting
-def _slug(key: str, limit: int = 60) -> str:
-    name = key.replace("\\", "/").rsplit("/", 1)[-1]
-    s = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "image"
-    return s[-limit:]
-
-
 def _predict(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
     out = [np.asarray(model.predict_on_batch(x[i:i + batch_size]), dtype=np.float64)
            for i in range(0, len(x), batch_size)]
     return np.concatenate(out)
 
 
+def _check_tta(tta: Any) -> int:
+    if isinstance(tta, bool) or not isinstance(tta, (int, np.integer)) or not 0 <= tta <= len(TTA_TRANSFORMS):
+        raise ValueError(f"tta must be an int from 0 (off) to {len(TTA_TRANSFORMS)}: the first N views of "
+                         f"{', '.join(TTA_TRANSFORMS)}; got {tta!r}")
+    return int(tta)
+
+
+def _tta_view(x: np.ndarray, name: str) -> np.ndarray:
+    """One view of a batch ``(n, H, W, C)``: horizontal flip and / or a shift, zero fill."""
+    out = x[:, :, ::-1] if name.startswith("hflip") else x
+    shift = name.rsplit("+", 1)[-1]
+    if not shift.startswith("shift_"):
+        return np.ascontiguousarray(out)
+    side = x.shape[2] if shift in ("shift_right", "shift_left") else x.shape[1]
+    d = max(1, int(round(TTA_SHIFT * side)))
+    res = np.zeros_like(x)
+    if shift == "shift_right":
+        res[:, :, d:] = out[:, :, :-d]
+    elif shift == "shift_left":
+        res[:, :, :-d] = out[:, :, d:]
+    elif shift == "shift_down":
+        res[:, d:] = out[:, :-d]
+    else:
+        res[:, :-d] = out[:, d:]
+    return res
+
+
+def tta_views(x: np.ndarray, n: int) -> list[np.ndarray]:
+    """The first ``n`` test-time augmentation views (:data:`TTA_TRANSFORMS` order) of a batch.
+
+    Args:
+        x: ``(n_images, H, W, C)`` model inputs (raw 0..255 gray, as the models take them).
+        n: number of views, 0..len(TTA_TRANSFORMS).
+    """
+    n = _check_tta(n)
+    x = np.asarray(x)
+    if x.ndim != 4:
+        raise ValueError(f"x must be a batch (n_images, H, W, C), got shape {x.shape}")
+    return [_tta_view(x, name) for name in TTA_TRANSFORMS[:n]]
+
+
+def predict_tta(model: Any, x: np.ndarray, n: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """A model's class probabilities averaged over ``n`` TTA views, and their spread per image.
+
+    Returns:
+        ``(mean, sd)``: ``mean`` ``(n_images, n_classes)`` float64, the mean over the views of the
+        softmax output (so still sums to 1); ``sd`` ``(n_images,)``, the population standard
+        deviation across the views of the probability of the class ``mean`` predicts (in
+        [0, 0.5]; 0 when every view gives that class the same probability). ``n=1`` (identity)
+        gives exactly the plain prediction and ``sd`` 0.
+    """
+    if _check_tta(n) < 1:
+        raise ValueError("predict_tta needs at least one view (n >= 1)")
+    per = np.stack([_predict(model, v, batch_size) for v in tta_views(x, n)])  # (views, images, classes)
+    mean = per.mean(axis=0)
+    top = mean.argmax(axis=1)
+    return mean, per[:, np.arange(len(top)), top].std(axis=0)
+
+
 class _Run:
     """State of one predict_paths call: members, vote, output rows."""
 
     def __init__(self, members: list[Member], method: str, weights: list[float] | None,
-                 gradcam_dir: Path | None, batch_size: int, enhanced: bool):
+                 gradcam_dir: Path | None, batch_size: int, enhanced: bool, tta: int = 0):
         self.members = members
         self.classes = members[0].classes
         self.method, self.weights = method, weights
@@ -372,8 +446,16 @@ class _Run:
         self.gradcam_dir = gradcam_dir
         self.batch_size = batch_size
         self.enhanced = enhanced
+        self.tta = tta
         self.rows: list[dict[str, Any]] = []
         self.cam_failed: set[str] = set()
+
+    def _member_outputs(self, inputs: dict[tuple, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Each member's probabilities (TTA means with ``tta``) and, with ``tta``, their spread."""
+        if not self.tta:
+            return {m.name: _predict(m.model, inputs[m.prep_key], self.batch_size) for m in self.members}, {}
+        out = {m.name: predict_tta(m.model, inputs[m.prep_key], self.tta, self.batch_size) for m in self.members}
+        return {k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()}
 
     def error_row(self, key: str, reason: str) -> None:
         self.rows.append({"path": key, "error": reason})
@@ -418,7 +500,7 @@ class _Run:
                 x = np.stack(arrs).astype(np.float32)[..., None]
                 check_input_scale(x, where="predict batch")
                 inputs[pk] = x
-            probs = {m.name: _predict(m.model, inputs[m.prep_key], self.batch_size) for m in self.members}
+            probs, spread = self._member_outputs(inputs)
             member_probs = [probs[m.name] for m in self.members]
             vote = combine(member_probs, self.method, self.weights)
             winner = vote.argmax(axis=1)
@@ -442,6 +524,8 @@ class _Run:
             for m in self.members:
                 row.update({f"{m.name}:p_{c}": float(probs[m.name][i, j])
                             for j, c in enumerate(self.classes)})
+                if self.tta:
+                    row[f"{m.name}:tta_sd"] = float(spread[m.name][i])
             for col, files in cams.items():
                 row[col] = files[i]
             row["error"] = ""
@@ -453,7 +537,8 @@ class _Run:
         from covidlib import explain
 
         # The row number makes names unique when two folders hold files of the same name.
-        stems = [f"{r:06d}_{_slug(k)}" for r, k in zip(row_ids, keys)]
+        stems = [f"{r:06d}_" + slug(k.replace("\\", "/").rsplit("/", 1)[-1], default="image", limit=60)
+                 for r, k in zip(row_ids, keys)]
         out: dict[str, list[str]] = {}
 
         def save(label: str, images: np.ndarray, maps: np.ndarray) -> list[str]:
@@ -492,6 +577,7 @@ class _Run:
         cols += ["vote:votes", "vote:agreement"]
         for m in self.members:
             cols += [f"{m.name}:p_{c}" for c in self.classes]
+            cols += [f"{m.name}:tta_sd"] if self.tta else []
         if self.gradcam_dir is not None:
             cols += [f"gradcam_{m.name}" for m in self.members] + ["gradcam_vote"]
         cols.append("error")
@@ -502,7 +588,10 @@ class _Run:
         df.attrs.update({"classes": list(self.classes), "members": names, "vote": self.method,
                          "weights": self.weights, "vote_output": self.output,
                          "columns": describe_columns(self.classes, names, self.method,
-                                                     gradcam=self.gradcam_dir is not None)})
+                                                     gradcam=self.gradcam_dir is not None, tta=self.tta)})
+        if self.tta:
+            df.attrs["tta"] = {"n_views": self.tta, "views": list(TTA_TRANSFORMS[:self.tta]),
+                               "shift": TTA_SHIFT}
         return df
 
 
@@ -517,6 +606,7 @@ def predict_paths(
     window: str = "lung",
     enhanced: bool = False,
     allow_inside_input: bool = False,
+    tta: int = 0,
 ) -> pd.DataFrame:
     """Predict every image under ``paths`` with the run's CT models and their vote.
 
@@ -536,17 +626,24 @@ def predict_paths(
             ``covidlib enhance``); by default each member's recorded enhancement is applied, as in
             training.
         allow_inside_input: the user asked explicitly for ``gradcam_dir`` inside the inputs.
+        tta: test-time augmentation: 0 (off, the default) or N = average each member's
+            probabilities over the first N views of :data:`TTA_TRANSFORMS` (identity, horizontal
+            flip, shifts of :data:`TTA_SHIFT` of the side, flip + shifts); the vote combines those
+            means, and a ``<NAME>:tta_sd`` column per member gives their spread
+            (:func:`predict_tta`). Grad-CAM maps stay those of the identity view.
 
     Returns:
         One row per image: ``path``, ``prediction`` (display name of the vote's class), the vote's
         ``vote:p_<class>`` (soft / weighted: a probability) or ``vote:score_<class>`` (hard: a
         ranking score, not a probability), ``vote:votes``, ``vote:agreement``, ``<NAME>:p_<class>``
-        per member (uncalibrated softmax), Grad-CAM file columns, ``error`` ("" when fine;
+        per member (uncalibrated softmax), ``<NAME>:tta_sd`` per member with ``tta`` (placed
+        after that member's probabilities), Grad-CAM file columns, ``error`` ("" when fine;
         refused inputs get a row with only ``path`` and ``error``: unreadable files, images that
         ingestion would refuse (too small, blank), folders that could not be listed).
         ``df.attrs`` holds ``classes``, ``members``, ``vote``, ``weights``, ``vote_output`` (``"probability"`` /
         ``"score"``), ``columns`` (:func:`describe_columns`), ``skipped`` (files of other types
-        left out of folders) and ``inputs`` (``paths``, for :func:`write_predictions`' check).
+        left out of folders) and ``inputs`` (``paths``, for :func:`write_predictions`' check);
+        with ``tta`` also ``tta`` (``n_views``, ``views``, ``shift``).
 
     Raises:
         ValueError: model folder refused (:mod:`covidlib.runs`), class orders differ, bad vote /
@@ -559,6 +656,7 @@ def predict_paths(
     if not paths:
         raise ValueError("no input paths given")
     batch_size = max(1, int(batch_size))
+    tta = _check_tta(tta)
     cio._window_bounds(window)  # a bad window is a usage error, not one error row per file
     # Output paths first: no model is loaded, no image read, for an output that cannot be used.
     check_outputs(paths, gradcam_dir=gradcam_dir, allow_inside_input=allow_inside_input)
@@ -567,7 +665,7 @@ def predict_paths(
     cam_dir = Path(gradcam_dir).expanduser() if gradcam_dir is not None else None
     if cam_dir is not None:
         cam_dir.mkdir(parents=True, exist_ok=True)
-    run = _Run(members, method, weights, cam_dir, batch_size, enhanced)
+    run = _Run(members, method, weights, cam_dir, batch_size, enhanced, tta)
 
     unreadable: dict[Path, str] = {}
     files, skipped = expand_paths(paths, unreadable)
@@ -611,12 +709,13 @@ def check_outputs(paths: str | os.PathLike | Iterable[str | os.PathLike],
 
 # --------------------------------------------------------------------------- output
 def describe_columns(classes: Sequence[str], members: Sequence[str], method: str,
-                     gradcam: bool = False) -> dict[str, str]:
+                     gradcam: bool = False, tta: int = 0) -> dict[str, str]:
     """What every column of :func:`predict_paths`' table holds, in column order.
 
     The hard vote's ``vote:score_<class>`` are ranking scores, never probabilities; the soft /
     weighted vote's ``vote:p_<class>`` and the members' ``<NAME>:p_<class>`` are probabilities,
-    all uncalibrated.
+    all uncalibrated. With ``tta`` (number of views) the member probabilities are TTA means and
+    ``<NAME>:tta_sd`` their spread.
     """
     from covidlib.ensemble import OUTPUT_PREFIX, SCORE_DEFINITION, output_kind
 
@@ -630,7 +729,11 @@ def describe_columns(classes: Sequence[str], members: Sequence[str], method: str
     out["vote:votes"] = _VOTES_NOTE
     out["vote:agreement"] = _AGREEMENT_NOTE
     for name in members:
-        out.update({f"{name}:p_{c}": _MEMBER_NOTE.format(name=name) for c in classes})
+        note = _MEMBER_NOTE.format(name=name)
+        out.update({f"{name}:p_{c}": note + (f", mean over {tta} test-time augmentation views" if tta else "")
+                    for c in classes})
+        if tta:
+            out[f"{name}:tta_sd"] = _TTA_SD_NOTE.format(name=name, n=tta, views=", ".join(TTA_TRANSFORMS[:tta]))
     if gradcam:
         out.update({f"gradcam_{name}": f"Grad-CAM overlay PNG of member {name}" for name in members})
         out["gradcam_vote"] = "Grad-CAM overlay PNG of the vote (mean of the members' maps)"
@@ -655,6 +758,7 @@ def _columns_doc(df: pd.DataFrame, csv_name: str) -> dict[str, Any]:
         "score_columns": [c for c in cols if ":score_" in c],
         "calibrated_columns": [],  # predict applies no temperature scaling
         "columns": cols,
+        **({"tta": df.attrs["tta"]} if df.attrs.get("tta") else {}),
     }
 
 

@@ -201,6 +201,27 @@ class RunReport:
             self.run_dir, m, self.backbones, self.vote_method, self.weights, self.n_boot, self.seed)
         return metrics_table({f"{self.vote_method} vote": self.evaluation["ensemble"]})
 
+    def tta(self, n_views: int = 4) -> pd.DataFrame:
+        """Optional: members and vote again with test-time augmentation, next to the plain ones.
+
+        Re-runs the saved models on val / test (:func:`covidlib.evaluate.evaluate_tta`); the
+        block goes to ``evaluation["tta"]``. Columns as :func:`metrics_table`, plus the mean
+        spread ``tta_sd_mean`` and ``auc_diff_vs_plain`` (TTA minus plain macro AUC, paired
+        bootstrap CI in ``auc_diff_ci95``).
+        """
+        ev = evaluate.evaluate_tta(self.run_dir, self.backbones, n_views, vote=self.vote_method,
+                                   n_boot=self.n_boot, seed=self.seed)
+        self.evaluation["tta"] = ev
+        blocks = {f"{name} (TTA)": b for name, b in ev["models"].items()}
+        if ev["ensemble"] is not None:
+            blocks[f"{self.vote_method} vote (TTA)"] = ev["ensemble"]
+        table = metrics_table(blocks)
+        diffs = [(b.get("vs_plain") or {}).get("auc_macro") or {} for b in blocks.values()]
+        table["tta_sd_mean"] = [b.get("tta_sd_mean") for b in blocks.values()]
+        table["auc_diff_vs_plain"] = [d.get("diff") for d in diffs]
+        table["auc_diff_ci95"] = [d.get("diff_ci") for d in diffs]
+        return table
+
     def two_phase(self, xray_backbone: str | None, *, cohort: str | os.PathLike | None = None,
                   threshold: float = 0.5, band: float = 0.15, flag_rate: float = 0.1) -> dict:
         """Phase 1 (X-ray) routes patients to phase 2 (the CT vote); see :mod:`covidlib.cascade`."""

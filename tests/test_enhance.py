@@ -365,7 +365,10 @@ def test_every_pipeline_runs(pipeline, dtype):
     xr = E.enhance(img, pipeline, modality="xray")
     assert xr.dtype == np.uint8 and xr.ndim == 2
     with_box = E.enhance(img, pipeline, bbox=(10, 10, 90, 70))
-    assert with_box.shape == ((60, 80) if "crop" in pipeline else img.shape)
+    if pipeline.startswith("lungcrop"):  # the lung field inside the given box, or the box
+        assert with_box.shape[0] <= 60 and with_box.shape[1] <= 80
+    else:
+        assert with_box.shape == ((60, 80) if "crop" in pipeline else img.shape)
 
 
 def test_enhance_seed_hybrid_matches_steps():
