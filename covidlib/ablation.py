@@ -74,6 +74,7 @@ def preview_steps(img: np.ndarray, pipeline: str = "crop+dct+wb+clahe",
 def _apply_prefix(img: np.ndarray, steps: Sequence[str], modality: str) -> np.ndarray:
     # Prefixes like "crop+dct" are not named pipelines; run the named steps one by one.
     funcs = {"crop": lambda a: enhance.crop_body(a) if modality == "ct" else enhance.crop_border(a),
+             "lungcrop": lambda a: enhance.crop_lungs(a) if modality == "ct" else enhance.crop_border(a),
              "dct": enhance.dct_denoise, "wb": enhance.white_balance, "clahe": enhance.clahe}
     for s in steps:
         img = funcs[s](img)

@@ -32,6 +32,7 @@ import errno
 import json
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -1549,11 +1550,26 @@ def _out_name_map(srcs: list[str], rels: list[str]) -> list[str]:
     return [r + ".png" if len(seen[os.path.normcase(o)]) > 1 else o for r, o in zip(rels, first)]
 
 
+def _writer_alive(name: str) -> bool:
+    """Whether the process that is writing temporary file ``name`` (pid in its name) still runs."""
+    m = re.search(r"\.(\d+)\.[^.]*" + re.escape(_TMP_SUFFIX) + r"$", name)
+    if not m:
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return int(m.group(1)) != os.getpid()
+
+
 def _clean_stray_tmp(dst: Path) -> int:
     n = 0
     for dirpath, _, files in os.walk(dst):
         for f in files:
-            if f.startswith(".") and f.endswith(_TMP_SUFFIX):
+            # Another live process (a parallel training sharing this folder) may be mid-write.
+            if f.startswith(".") and f.endswith(_TMP_SUFFIX) and not _writer_alive(f):
                 try:
                     os.unlink(os.path.join(dirpath, f))
                     n += 1

@@ -139,7 +139,7 @@ RUN_ABLATION = True          # False: only show the enhancement steps
 ABLATION_BACKBONE = "SmallCNN"
 ABLATION_EPOCHS = 6          # budget of each ablation run, separate from the EPOCHS of notebook 03
 ABLATION_SEEDS = [0, 1, 2]   # one training per pipeline and seed; the verdict needs more than one
-ABLATION_PIPELINES = ["none", "crop", "crop+wb", "crop+clahe", "crop+wb+clahe", "crop+dct+wb+clahe"]
+ABLATION_PIPELINES = ["none", "crop", "crop+wb", "crop+clahe", "crop+wb+clahe", "crop+dct+wb+clahe", "lungcrop+wb+clahe"]
 N_BOOT = 1000
 '''),
     code('''
@@ -185,7 +185,7 @@ finished run; a killed run resumes.
 RUN_DIR = None               # None -> reports/runs/demo
 BACKBONE = "DenseNet121"     # DenseNet121 | ResNet50V2 | MobileNetV2 | DenseNet201 | ResNet152 | SmallCNN
 MODALITY = "ct"              # ct | xray
-ENHANCEMENT = "crop+wb+clahe"
+ENHANCEMENT = "crop+wb+clahe"   # or lungcrop+wb+clahe (crop to the lung field)
 IMG_SIZE = 64
 EPOCHS = 8
 FINE_TUNE_EPOCHS = 0         # with pretrained WEIGHTS: exactly this many epochs after phase 1 ends
@@ -247,6 +247,7 @@ UNCERTAINTY_BAND = 0.15
 CLINICAL_FLAG_RATE = 0.1     # simulated cohort only
 N_BOOT = 1000
 GRADCAM_IMAGES = 4
+TTA_VIEWS = 0                # 0 off; 1 to 10 test-time augmentation views (identity, flip, small shifts)
 EXTERNAL_DATASET = None      # another CT data set to evaluate the trained models on (external validation)
 EXTERNAL_PATIENT_PATTERN = None   # patient-id regex for EXTERNAL_DATASET
 SEED = 0
@@ -296,6 +297,13 @@ if cam is not None:
     code('''
 if EXTERNAL_DATASET:
     display(rep.external(EXTERNAL_DATASET, EXTERNAL_PATIENT_PATTERN)["models"])
+'''),
+    md("## Test-time augmentation (optional)\nEach model averaged over `TTA_VIEWS` fixed views; the "
+       "spread across views is a per-image uncertainty; patient-level metrics and the paired "
+       "difference to plain predictions."),
+    code('''
+if TTA_VIEWS:
+    display(rep.tta(TTA_VIEWS))
 '''),
     md("## Write the report\n`evaluation.json`, `results.md`, and the vote saved as one Keras model."),
     code('''
