@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from covidlib import config  # noqa: E402
 from covidlib import enhance as E  # noqa: E402
+from covidlib import enhance_batch as EB  # noqa: E402
 from covidlib.io import read_image  # noqa: E402
 
 DEFAULT_DATA = "/work/shared/data/ct-mosmed"
@@ -56,7 +57,7 @@ TARGET_SPEEDUP = 1.8
 
 
 def floor(path: str) -> bytes:
-    return E._encode_png(read_image(path))
+    return EB._encode_png(read_image(path))
 
 
 def _seed_white_balance(channel: np.ndarray, perc: float = 0.05) -> np.ndarray:
@@ -70,12 +71,12 @@ def seed(path: str) -> bytes:
     wb = np.dstack([_seed_white_balance(c, 0.05) for c in chans])  # 3 separate stretches
     gray = cv2.cvtColor(wb, cv2.COLOR_BGR2GRAY)
     out = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(16, 16)).apply(gray)
-    return E._encode_png(out)
+    return EB._encode_png(out)
 
 
 def ours(pipeline: str):
     def run(path: str) -> bytes:
-        return E._encode_png(E.enhance(read_image(path), pipeline))
+        return EB._encode_png(E.enhance(read_image(path), pipeline))
 
     run.__name__ = pipeline
     return run
@@ -160,7 +161,7 @@ def batch(paths: list[str], pipeline: str, repeats: int, tmp: Path, control: Mac
         try:
             with threadpool_limits(1):
                 t0 = time.perf_counter()
-                s = E.enhance_tree(man, dst, pipeline=pipeline, workers=workers, progress=False)
+                s = EB.enhance_tree(man, dst, pipeline=pipeline, workers=workers, progress=False)
                 dt = time.perf_counter() - t0
         finally:
             cv2.setNumThreads(prev)
@@ -211,7 +212,7 @@ class MachineControl:
     def __init__(self) -> None:
         from concurrent.futures import ProcessPoolExecutor
 
-        self.ex = ProcessPoolExecutor(2, mp_context=E._pool_context())
+        self.ex = ProcessPoolExecutor(2, mp_context=EB._pool_context())
         list(self.ex.map(_busy, [1000, 1000]))  # start the workers first
 
     def __call__(self, n: int = 1_000_000, repeats: int = 5) -> float:
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 
         man = tmp / "cold.csv"
         pd.DataFrame({"path": paths[:20], "label": "covid"}).to_csv(man, index=False)
-        E.enhance_tree(man, tmp / "cold", workers=2, progress=False)
+        EB.enhance_tree(man, tmp / "cold", workers=2, progress=False)
         cold = time.perf_counter() - t0
         shutil.rmtree(tmp / "cold", ignore_errors=True)
         control = MachineControl()

@@ -126,11 +126,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_enhance(args: argparse.Namespace) -> int:
-    from covidlib import enhance
+    from covidlib import enhance_batch
 
-    summary = enhance.enhance_tree(args.src, args.dst, pipeline=args.pipeline, workers=args.workers,
-                                   progress=not args.quiet, modality=args.modality,
-                                   overwrite=args.overwrite, allow_inside_input=args.allow_inside_input)
+    summary = enhance_batch.enhance_tree(args.src, args.dst, pipeline=args.pipeline, workers=args.workers,
+                                         progress=not args.quiet, modality=args.modality,
+                                         overwrite=args.overwrite, allow_inside_input=args.allow_inside_input)
     short = {k: v for k, v in summary.items() if k != "failed"}
     print(json.dumps(short, indent=2, default=str))
     failed = summary.get("failed") or []

@@ -11,7 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from covidlib import denoise
 from covidlib import enhance as E
+from covidlib import enhance_batch as EB
 
 # --------------------------------------------------------------------------------------------
 # Synthetic images
@@ -313,10 +315,10 @@ def test_dct_denoise_reuses_scratch_buffers_safely(monkeypatch):
     assert np.array_equal(E.dct_denoise(big, sigma=20.0), a)
     assert np.array_equal(E.dct_denoise(small, sigma=20.0), b_small)
     # above the keep limit the buffers are temporaries: same result, nothing retained
-    monkeypatch.setattr(E, "_WORKSPACE_KEEP", 100)
-    monkeypatch.setattr(E._WORKSPACE, "pool", {})
+    monkeypatch.setattr(denoise, "_WORKSPACE_KEEP", 100)
+    monkeypatch.setattr(denoise._WORKSPACE, "pool", {})
     assert np.array_equal(E.dct_denoise(big, sigma=20.0), a)
-    assert not E._WORKSPACE.pool
+    assert not denoise._WORKSPACE.pool
     assert np.abs(b_small.astype(int) - reference_dct_denoise(small, 20.0)).max() <= 2
 
 
@@ -433,7 +435,7 @@ def test_enhance_tree_mirrors_layout_and_resumes(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "out dir"
     make_tree(src)
     before = tree_hash(src)
-    s = E.enhance_tree(src, dst, workers=1, progress=False)
+    s = EB.enhance_tree(src, dst, workers=1, progress=False)
     assert s["total"] == 6 and s["written"] == 6 and s["skipped"] == 0 and s["failed"] == []
     for rel in ["COVID/a.png", "COVID/b.png", "with space/c d.png", "nïce ünicode/deep/e.png", "f.png", "16bit.png"]:
         out = cv2.imdecode(np.fromfile(str(dst / rel), np.uint8), cv2.IMREAD_UNCHANGED)
@@ -443,7 +445,7 @@ def test_enhance_tree_mirrors_layout_and_resumes(tmp_path):
     assert (dst / "enhance_failures.csv").read_text().strip() == "path,reason"
     assert tree_hash(src) == before  # sources never modified
 
-    s2 = E.enhance_tree(src, dst, workers=1, progress=False)
+    s2 = EB.enhance_tree(src, dst, workers=1, progress=False)
     assert s2["written"] == 0 and s2["skipped"] == 6
 
     # a "killed" run: one output missing, a stray temp file left behind
@@ -451,7 +453,7 @@ def test_enhance_tree_mirrors_layout_and_resumes(tmp_path):
     (dst / "COVID" / "a.png").unlink()
     stray = dst / "COVID" / ".a.png.12345.enh-tmp"
     stray.write_bytes(b"half-written")
-    s3 = E.enhance_tree(src, dst, workers=1, progress=False)
+    s3 = EB.enhance_tree(src, dst, workers=1, progress=False)
     assert s3["written"] == 1 and s3["skipped"] == 5
     assert (dst / "COVID" / "a.png").exists() and not stray.exists()
     assert (dst / "f.png").stat().st_mtime_ns == stamp  # done files untouched
@@ -461,13 +463,13 @@ def test_enhance_tree_mirrors_layout_and_resumes(tmp_path):
 def test_enhance_tree_other_config_refused_unless_overwrite(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     make_tree(src)
-    E.enhance_tree(src, dst, workers=1, progress=False)
+    EB.enhance_tree(src, dst, workers=1, progress=False)
     old = (dst / "f.png").read_bytes()
     with pytest.raises(ValueError, match="different configuration"):
-        E.enhance_tree(src, dst, pipeline="crop+clahe", workers=1, progress=False)
+        EB.enhance_tree(src, dst, pipeline="crop+clahe", workers=1, progress=False)
     with pytest.raises(ValueError, match="different configuration"):
-        E.enhance_tree(src, dst, workers=1, progress=False, clip_limit=3.0)
-    s = E.enhance_tree(src, dst, pipeline="crop", workers=1, progress=False, overwrite=True)
+        EB.enhance_tree(src, dst, workers=1, progress=False, clip_limit=3.0)
+    s = EB.enhance_tree(src, dst, pipeline="crop", workers=1, progress=False, overwrite=True)
     assert s["written"] == 6
     assert (dst / "f.png").read_bytes() != old
     assert json.loads((dst / "enhance.json").read_text())["config"]["name"] == "crop"
@@ -475,7 +477,7 @@ def test_enhance_tree_other_config_refused_unless_overwrite(tmp_path):
     other = tmp_path / "other"
     write_png(other / "f.png", np.zeros((8, 8), np.uint8))
     with pytest.raises(ValueError, match="enhance.json"):
-        E.enhance_tree(src, other, workers=1, progress=False)
+        EB.enhance_tree(src, other, workers=1, progress=False)
 
 
 def test_enhance_tree_unreadable_file_is_reported_not_fatal(tmp_path):
@@ -485,7 +487,7 @@ def test_enhance_tree_unreadable_file_is_reported_not_fatal(tmp_path):
     (src / "empty.jpg").write_bytes(b"")
     blank = np.full((64, 64), 3, np.uint8)
     write_png(src / "blank.png", blank)
-    s = E.enhance_tree(src, dst, workers=1, progress=False)
+    s = EB.enhance_tree(src, dst, workers=1, progress=False)
     assert s["written"] == 7 and s["n_failed"] == 2
     bad = {Path(f["path"]).name for f in s["failed"]}
     assert bad == {"broken.png", "empty.jpg"}
@@ -496,7 +498,7 @@ def test_enhance_tree_unreadable_file_is_reported_not_fatal(tmp_path):
     # the blank image: written uncropped, with a warning in the summary
     assert any(Path(w["path"]).name == "blank.png" and "no body" in w["warning"] for w in s["warnings"])
     # a re-run retries only the failures
-    s2 = E.enhance_tree(src, dst, workers=1, progress=False)
+    s2 = EB.enhance_tree(src, dst, workers=1, progress=False)
     assert s2["written"] == 0 and s2["n_failed"] == 2 and s2["skipped"] == 7
 
 
@@ -505,15 +507,15 @@ def test_enhance_tree_same_bytes_with_one_and_two_workers(tmp_path):
     make_tree(src)
     for i in range(6):
         write_png(src / "more" / f"m{i}.png", ct_phantom(128, seed=20 + i))
-    s1 = E.enhance_tree(src, tmp_path / "w1", pipeline="crop+dct+wb+clahe", workers=1, progress=False)
-    s2 = E.enhance_tree(src, tmp_path / "w2", pipeline="crop+dct+wb+clahe", workers=2, progress=False)
+    s1 = EB.enhance_tree(src, tmp_path / "w1", pipeline="crop+dct+wb+clahe", workers=1, progress=False)
+    s2 = EB.enhance_tree(src, tmp_path / "w2", pipeline="crop+dct+wb+clahe", workers=2, progress=False)
     assert s1["written"] == s2["written"] == 12 and s2["workers"] == 2
     assert tree_hash(tmp_path / "w1") == tree_hash(tmp_path / "w2")
 
 
 def test_chunk_sizes_cover_all_tasks_and_shrink_to_single_images():
     for n, w in [(1, 2), (7, 2), (200, 2), (5000, 8)]:
-        sizes = E._chunk_sizes(n, w)
+        sizes = EB._chunk_sizes(n, w)
         assert sum(sizes) == n and all(1 <= s <= 64 for s in sizes)
         assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 1
 
@@ -524,20 +526,20 @@ def test_worker_pool_is_kept_and_replaced_when_a_worker_dies(tmp_path):
 
     src = tmp_path / "src"
     make_tree(src)
-    ref = E.enhance_tree(src, tmp_path / "w1", workers=1, progress=False)
-    E.enhance_tree(src, tmp_path / "a", workers=2, progress=False)
-    pool = E._POOL[1]
-    E.enhance_tree(src, tmp_path / "b", workers=2, progress=False)
-    assert E._POOL[1] is pool  # the second pass reused the workers
+    ref = EB.enhance_tree(src, tmp_path / "w1", workers=1, progress=False)
+    EB.enhance_tree(src, tmp_path / "a", workers=2, progress=False)
+    pool = EB._POOL[1]
+    EB.enhance_tree(src, tmp_path / "b", workers=2, progress=False)
+    assert EB._POOL[1] is pool  # the second pass reused the workers
     # a worker killed while the pool is idle: the next pass starts a fresh pool and succeeds
     for proc in list(pool._processes.values()):
         os.kill(proc.pid, signal.SIGKILL)
     deadline = time.time() + 10
     while not getattr(pool, "_broken", False) and time.time() < deadline:
         time.sleep(0.05)
-    s = E.enhance_tree(src, tmp_path / "c", workers=2, progress=False)
+    s = EB.enhance_tree(src, tmp_path / "c", workers=2, progress=False)
     assert s["written"] == ref["written"] and s["n_failed"] == 0
-    assert E._POOL[1] is not pool
+    assert EB._POOL[1] is not pool
     assert tree_hash(tmp_path / "c") == tree_hash(tmp_path / "w1") == tree_hash(tmp_path / "a")
 
 
@@ -548,18 +550,18 @@ def test_enhance_tree_dst_inside_src_and_name_collisions(tmp_path):
     buf.tofile(str(src / "x.jpg"))
     # Issue #13: writing into the source needs an explicit yes; then dst is not read back.
     with pytest.raises(ValueError, match="inside the input folder"):
-        E.enhance_tree(src, src / "enhanced", workers=1, progress=False)
+        EB.enhance_tree(src, src / "enhanced", workers=1, progress=False)
     assert not (src / "enhanced").exists()
-    s = E.enhance_tree(src, src / "enhanced", workers=1, progress=False, allow_inside_input=True)
+    s = EB.enhance_tree(src, src / "enhanced", workers=1, progress=False, allow_inside_input=True)
     assert s["written"] == 2
     assert (src / "enhanced" / "x.png.png").exists() and (src / "enhanced" / "x.jpg.png").exists()
-    s2 = E.enhance_tree(src, src / "enhanced", workers=1, progress=False,
+    s2 = EB.enhance_tree(src, src / "enhanced", workers=1, progress=False,
                         allow_inside_input=True)  # its own output is not input
     assert s2["total"] == 2 and s2["skipped"] == 2
     with pytest.raises(ValueError, match="is the input folder"):
-        E.enhance_tree(src, src, pipeline="none", workers=1, progress=False, allow_inside_input=True)
+        EB.enhance_tree(src, src, pipeline="none", workers=1, progress=False, allow_inside_input=True)
     with pytest.raises(FileNotFoundError):
-        E.enhance_tree(tmp_path / "nope", tmp_path / "d", progress=False)
+        EB.enhance_tree(tmp_path / "nope", tmp_path / "d", progress=False)
 
 
 def test_enhance_tree_manifest_csv_with_bbox(tmp_path):
@@ -578,7 +580,7 @@ def test_enhance_tree_manifest_csv_with_bbox(tmp_path):
     man = data / "labels.csv"
     pd.DataFrame(rows).to_csv(man, index=False)
     dst = tmp_path / "enh"
-    s = E.enhance_tree(man, dst, workers=1, progress=False)
+    s = EB.enhance_tree(man, dst, workers=1, progress=False)
     assert s["written"] == 3 and s["n_failed"] == 1 and Path(s["manifest"]) == dst / "manifest.csv"
     out = pd.read_csv(dst / "manifest.csv", dtype=str, keep_default_na=False)
     assert list(out.columns) == ["path", "label", "patient_id", "split", "source", "modality"]
@@ -593,17 +595,17 @@ def test_enhance_tree_manifest_csv_with_bbox(tmp_path):
 
     # the DataFrame API: absolute paths back, same files
     df = pd.read_csv(man)
-    res = E.enhance_manifest(df, dst, workers=1, progress=False, base_dir=data)
+    res = EB.enhance_manifest(df, dst, workers=1, progress=False, base_dir=data)
     assert all(os.path.isabs(p) and os.path.exists(p) for p in res["path"])
     assert res.attrs["enhance_summary"]["skipped"] == 3
     with pytest.raises(ValueError, match="path"):
-        E.enhance_manifest(pd.DataFrame({"x": [1]}), dst, progress=False)
+        EB.enhance_manifest(pd.DataFrame({"x": [1]}), dst, progress=False)
 
 
 def test_enhance_manifest_bbox_outside_image_reported(tmp_path):
     write_png(tmp_path / "in" / "a.png", ct_phantom(64))  # dst may not lie in the sources' folder
     df = pd.DataFrame([{"path": str(tmp_path / "in" / "a.png"), "label": "covid", "xmin": 0, "ymin": 0, "xmax": 500, "ymax": 50}])
-    res = E.enhance_manifest(df, tmp_path / "out", workers=1, progress=False)
+    res = EB.enhance_manifest(df, tmp_path / "out", workers=1, progress=False)
     s = res.attrs["enhance_summary"]
     assert len(res) == 0 and s["n_failed"] == 1 and "outside" in s["failed"][0]["reason"]
 
@@ -613,7 +615,7 @@ def test_worker_start_hides_and_restores_main_module():
 
     main = sys.modules["__main__"]
     before = (getattr(main, "__spec__", None), getattr(main, "__file__", None))
-    with E._main_not_reimported():
+    with EB._main_not_reimported():
         assert main.__spec__ is None and not hasattr(main, "__file__")
     assert (getattr(main, "__spec__", None), getattr(main, "__file__", None)) == before
 
@@ -631,8 +633,8 @@ def test_ctrl_c_reaches_the_caller_not_the_kept_workers(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(
         "import sys, time\n"
-        "from covidlib import enhance as E\n"
-        f"E.enhance_tree({str(src)!r}, {str(tmp_path / 'out')!r}, workers=2, progress=False)\n"
+        "from covidlib import enhance_batch as EB\n"
+        f"EB.enhance_tree({str(src)!r}, {str(tmp_path / 'out')!r}, workers=2, progress=False)\n"
         # the signal is sent once PASS DONE is read: print it inside the try, or the signal can
         # land between the print and the try (seen once in a fresh-clone test run)
         "try:\n"

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from covidlib import enhance as E
+from covidlib import enhance_batch as EB
 from covidlib import synthetic
 
 SIZES = (128, 256)
@@ -218,7 +219,7 @@ def test_manifest_pass_drops_the_bbox_columns(tmp_path):
     cv2.imwrite(str(src), img)
     df = pd.DataFrame({"path": [str(src)], "label": ["covid"], "patient_id": ["p"], "split": ["test"],
                        "source": ["x"], "modality": ["ct"], "xmin": [0], "ymin": [0], "xmax": [128], "ymax": [128]})
-    out = E.enhance_manifest(df, tmp_path / "dst", "lungcrop+wb+clahe", workers=1, progress=False)
+    out = EB.enhance_manifest(df, tmp_path / "dst", "lungcrop+wb+clahe", workers=1, progress=False)
     assert "xmin" not in out.columns
     assert np.array_equal(cv2.imread(out.loc[0, "path"], cv2.IMREAD_UNCHANGED),
                           E.enhance(img, "lungcrop+wb+clahe", bbox=(0, 0, 128, 128)))

@@ -34,7 +34,7 @@ except ImportError:  # tests/ made into a package
     from tests.malformed import (SAFETY_CASES, _bad_inputs, _texture, snapshot, tree_snapshot,
                                  write_image, write_scan_tree, write_tiny_run)
 
-from covidlib import cli, datasets, enhance, predict  # noqa: E402
+from covidlib import cli, datasets, enhance, enhance_batch, predict  # noqa: E402
 
 # Keras' own saving code trips numpy 2's copy-keyword deprecation; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -77,7 +77,7 @@ def _read_only(monkeypatch, folder: Path) -> None:
 
 def _disk_full_after(monkeypatch, n: int) -> None:
     """The first ``n`` PNG writes of the enhancement pass succeed, the next ones hit a full disk."""
-    real = enhance._atomic_write_bytes
+    real = enhance_batch._atomic_write_bytes
     done = [0]
 
     def write(path, data):
@@ -87,7 +87,7 @@ def _disk_full_after(monkeypatch, n: int) -> None:
             done[0] += 1
         real(path, data)
 
-    monkeypatch.setattr(enhance, "_atomic_write_bytes", write)
+    monkeypatch.setattr(enhance_batch, "_atomic_write_bytes", write)
 
 
 def _apply(patch: str | None, root: Path, monkeypatch) -> None:
@@ -178,18 +178,18 @@ def test_enhance_resume_redoes_outputs_whose_source_changed(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     write_image(src / "a.png", _texture(96, seed=1))
     write_image(src / "b.png", _texture(96, seed=2))
-    s1 = enhance.enhance_tree(src, dst, workers=1, progress=False)
+    s1 = enhance_batch.enhance_tree(src, dst, workers=1, progress=False)
     assert s1["written"] == 2 and s1["redone"] == 0
     old_a, stamp_b = _png_stamp_free(dst / "a.png"), (dst / "b.png").stat().st_mtime_ns
     # a.png replaced by another scan under the same name (different size and mtime)
     time.sleep(0.01)
     write_image(src / "a.png", _texture(120, seed=7))
     before = tree_snapshot(src)
-    s2 = enhance.enhance_tree(src, dst, workers=1, progress=False)
+    s2 = enhance_batch.enhance_tree(src, dst, workers=1, progress=False)
     assert s2["written"] == 1 and s2["redone"] == 1 and s2["skipped"] == 1
     assert _png_stamp_free(dst / "a.png") != old_a
     assert (dst / "b.png").stat().st_mtime_ns == stamp_b  # unchanged source: output untouched
-    s3 = enhance.enhance_tree(src, dst, workers=1, progress=False)
+    s3 = enhance_batch.enhance_tree(src, dst, workers=1, progress=False)
     assert s3["written"] == 0 and s3["skipped"] == 2
     assert tree_snapshot(src) == before
 
@@ -223,7 +223,7 @@ def test_fatal_write_error_stops_a_chunk(tmp_path, monkeypatch):
     _disk_full_after(monkeypatch, 1)
     tasks = [(str(tmp_path / "in" / f"{i}.png"), str(tmp_path / "out" / f"{i}.png"), None, "ct") for i in range(3)]
     cfg = enhance.pipeline_config("crop")
-    res = enhance._process_chunk(tasks, cfg["steps"], cfg["params"])
+    res = enhance_batch._process_chunk(tasks, cfg["steps"], cfg["params"])
     assert [r[0] for r in res] == ["written", "fatal"]
     assert "No space left on device" in res[1][1]
 
@@ -232,7 +232,7 @@ def test_fatal_write_error_stops_a_chunk(tmp_path, monkeypatch):
 _KILL_SCRIPT = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from covidlib import enhance as E
+from covidlib import enhance_batch as E
 E.enhance_tree({src!r}, {dst!r}, workers=2, progress=False)
 print("PIDS", *E._POOL[1]._processes, flush=True)
 time.sleep(300)
@@ -282,7 +282,7 @@ def test_unreadable_folder_with_real_permissions(tmp_path):
     locked = data / "NonCOVID" / "batch2"
     locked.chmod(0)
     try:
-        s = enhance.enhance_tree(data, tmp_path / "enh", workers=1, progress=False)
+        s = enhance_batch.enhance_tree(data, tmp_path / "enh", workers=1, progress=False)
         assert s["unreadable_folders"] == [str(locked)]
         unreadable: dict = {}
         files, _ = predict.expand_paths([data], unreadable)
