@@ -197,7 +197,8 @@ class Fit:
             cbs = T._callbacks(model_dir, cfg, "phase1", None)
             instrument(cbs, self.acc)
             self.best = model_dir / T.BEST_WEIGHTS
-            self.fit_kwargs = dict(x=train_loader, validation_data=val_loader,
+            # As train() does: the loader shuffles (seeded); Keras must not reorder its batches.
+            self.fit_kwargs = dict(x=train_loader, validation_data=val_loader, shuffle=False,
                                    class_weight=class_weights(y_tr, nc),
                                    callbacks=[self.first, *cbs, self.last])
 

@@ -8,11 +8,12 @@ hook: Keras would then fetch every step's logs to the host (a device sync per st
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 
@@ -184,7 +185,9 @@ class BudgetedBackupAndRestore(keras.callbacks.Callback):
     time since the last backup is at least ``last backup's cost / budget``; the first epoch of a fit
     always is. A killed run loses at most about ``cost / budget`` of training and still resumes to
     the same number of epochs. ``also_save`` callables run with each backup, inside the same budget
-    (:meth:`BestWeights.flush`); :meth:`finish` records the end of a phase.
+    (:meth:`BestWeights.flush`); :meth:`finish` records the end of a phase. ``io`` gives the
+    context a backup is written in (data-parallel training: one worker writes alone, see
+    :meth:`covidlib.distribute.Plan.host_io`).
 
     Only epoch hooks: a batch hook makes Keras treat the callback list as unsafe for asynchronous
     dispatch and fetch every step's logs, a device sync per step (on a GPU the input pipeline then
@@ -196,9 +199,11 @@ class BudgetedBackupAndRestore(keras.callbacks.Callback):
 
     def __init__(self, backup_dir: str | os.PathLike, budget: float = 0.02,
                  also_save: Sequence[Callable[[], None]] = (),
-                 stateful: Sequence[keras.callbacks.Callback] = ()) -> None:
+                 stateful: Sequence[keras.callbacks.Callback] = (),
+                 io: Callable[[], ContextManager] | None = None) -> None:
         super().__init__()
         self.backup_dir = Path(backup_dir)
+        self.io = io or contextlib.nullcontext
         self.budget = float(budget)
         self.also_save = list(also_save)
         # They must come before this callback in the fit's list: their on_train_begin resets the
@@ -236,10 +241,11 @@ class BudgetedBackupAndRestore(keras.callbacks.Callback):
 
     def save(self, finished: bool = False) -> None:
         """Back up the model at the last completed epoch (``also_save`` first)."""
-        for save in self.also_save:
-            save()
-        save_weights_atomic(self.model, self.backup_dir / self.WEIGHTS)
-        self.write_state(finished)
+        with self.io():
+            for save in self.also_save:
+                save()
+            save_weights_atomic(self.model, self.backup_dir / self.WEIGHTS)
+            self.write_state(finished)
 
     def write_state(self, finished: bool) -> None:
         """Write ``state.json`` for the weights last saved."""

@@ -149,7 +149,7 @@ TRAIN_OPTIONS = {"backbone": "BACKBONE", "modality": "MODALITY", "enhancement": 
                  "batch_size": "BATCH_SIZE", "weights": "WEIGHTS", "head": "HEAD",
                  "learning_rate": "LEARNING_RATE", "fine_tune_lr": "FINE_TUNE_LR",
                  "unfreeze": "UNFREEZE", "patience": "PATIENCE", "imbalance": "IMBALANCE",
-                 "seed": "SEED"}
+                 "seed": "SEED", "distribute": "DISTRIBUTE"}
 EVALUATE_OPTIONS = {"backbones": "BACKBONES", "xray_backbone": "XRAY_BACKBONE", "vote": "VOTE",
                     "cohort": "COHORT", "phase1_threshold": "PHASE1_THRESHOLD",
                     "uncertainty_band": "UNCERTAINTY_BAND", "clinical_flag_rate": "CLINICAL_FLAG_RATE",
@@ -361,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, help="early-stopping patience of phase 1 (epochs); phase 2 always runs "
                                              "--fine-tune-epochs")
     p.add_argument("--imbalance", choices=["class_weight", "balanced_sampling", "none"])
+    p.add_argument("--distribute", choices=["auto", "off", "mirrored", "multiworker", "jax_dataparallel"],
+                   help="data-parallel training: auto (all local GPUs when more than one), off, mirrored "
+                        "(TensorFlow, one machine), multiworker (TensorFlow, TF_CONFIG), jax_dataparallel "
+                        "(JAX, KERAS_DISTRIBUTION_* for several processes); --batch-size is per device")
     p.add_argument("--seed", type=int)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train)

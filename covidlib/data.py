@@ -233,14 +233,35 @@ class ArrayLoader(keras.utils.PyDataset):
         sampling: ``"none"`` (each image once per epoch) or ``"balanced"`` (draw with replacement
             so every class is equally likely; epoch length unchanged).
         rows: subset of row numbers of ``images`` to serve (default: all).
+        multiple: data-parallel width: every batch holds a multiple of this many images (JAX
+            shards a batch evenly over its devices). Training batches (``pad=False``): the last
+            batch of an epoch is cut down to a multiple (fewer than ``multiple`` images of that
+            epoch's order are skipped). Evaluation batches (``pad=True``): the last batch is
+            filled up with copies of its last image weighted 0, and batches come as
+            ``(x, y, sample_weight)``: the copies add nothing to the loss but count in the
+            size its mean divides by, and Keras' compiled metrics (no sample weights) count them.
+        shard: ``(index, count)``: serve only part ``index`` of ``count`` equal, contiguous parts
+            of every batch (the global batch) - one process's share in multi-process training.
+            Nothing is copied: each part is read from the (memory-mapped) array.
+        pad: see ``multiple``.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int,
                  batch_size: int = 32, *, shuffle: bool = False, seed: int = 0,
-                 sampling: str = "none", rows: np.ndarray | None = None, **kwargs: Any) -> None:
+                 sampling: str = "none", rows: np.ndarray | None = None, multiple: int = 1,
+                 shard: tuple[int, int] = (0, 1), pad: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if sampling not in ("none", "balanced"):
             raise ValueError(f"sampling must be 'none' or 'balanced', got {sampling!r}")
+        index, count = int(shard[0]), int(shard[1])
+        if multiple < 1 or count < 1 or not 0 <= index < count or multiple % count:
+            raise ValueError(f"need multiple >= 1 and a shard (index, count) with count dividing "
+                             f"multiple, got multiple={multiple}, shard={shard}")
+        if batch_size % multiple:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of {multiple}")
+        self.multiple, self.shard, self.pad = int(multiple), (index, count), bool(pad)
+        # Batches shaped for data-parallel training; the single-device path stays as it was.
+        self.parallel = self.multiple > 1 or count > 1 or self.pad
         self.images = images
         self.rows = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
         self.y = np.asarray(labels, dtype=np.int64)
@@ -267,16 +288,39 @@ class ArrayLoader(keras.utils.PyDataset):
         return rng.permutation(n) if self.shuffle else np.arange(n)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.rows) / self.batch_size)
+        n = len(self.rows)
+        if self.multiple > 1 and not self.pad:
+            n -= (n % self.batch_size) % self.multiple  # the cut of the last batch
+        return math.ceil(n / self.batch_size)
 
     def __getitem__(self, i: int):
         pick = self._order[i * self.batch_size:(i + 1) * self.batch_size]
+        if self.parallel:
+            return self._parallel_batch(pick)
         src = self.rows[pick]
         # Sorted reads keep memory-map access sequential; labels follow the same permutation.
         perm = np.argsort(src, kind="stable")
         x = self.images[src[perm]][..., None]
         y = self._eye[self.y[pick][perm]]
         return x, y
+
+    def _parallel_batch(self, pick: np.ndarray):
+        """One process's share of a global batch that splits evenly over ``multiple`` devices."""
+        if not self.pad:
+            pick = pick[:len(pick) - len(pick) % self.multiple]
+        src, lab = self.rows[pick], self.y[pick]
+        perm = np.argsort(src, kind="stable")  # the same sorted order as the single-device batch
+        src, lab = src[perm], lab[perm]
+        weight = np.ones(len(src), dtype=np.float32)
+        extra = -len(src) % self.multiple if self.pad else 0
+        if extra:  # copies of the last image, weighted 0 in the loss
+            src, lab = np.append(src, [src[-1]] * extra), np.append(lab, [lab[-1]] * extra)
+            weight = np.append(weight, np.zeros(extra, dtype=np.float32))
+        index, count = self.shard
+        part = slice(index * len(src) // count, (index + 1) * len(src) // count)
+        x = self.images[src[part]][..., None]
+        y = self._eye[lab[part]]
+        return (x, y, weight[part]) if self.pad else (x, y)
 
     def on_epoch_end(self) -> None:
         self.epoch += 1

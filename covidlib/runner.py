@@ -320,6 +320,7 @@ def rules() -> dict[str, Rule]:
         "COHORT": _string("None or an existing CSV file", _existing_file),
         "PHASE1_THRESHOLD": unit, "UNCERTAINTY_BAND": unit, "CLINICAL_FLAG_RATE": unit,
         "GRADCAM_IMAGES": _int_min(0),
+        "DISTRIBUTE": _choice(("auto", "off", "mirrored", "multiworker", "jax_dataparallel")),
         "TTA_VIEWS": Rule("an integer from 0 to 10", typed=True,
                           ok=lambda v: _is_int(v) and 0 <= v <= 10),
     }

@@ -11,17 +11,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import pandas as pd
 
 import keras
 
-from covidlib import config
+from covidlib import config, distribute
 from covidlib.fsutil import atomic_write_text
 from covidlib.data import ArrayLoader, ArrayStore, build_store, class_weights, manifest_fingerprint
 from covidlib.callbacks import (BestWeights, BudgetedBackupAndRestore, EpochTensorBoard,
@@ -44,7 +45,8 @@ class TrainConfig:
             early stopping may end it sooner.
         fine_tune_epochs: with pretrained weights, epochs after unfreezing (0 = head only),
             exactly this many whenever phase 1 ended.
-        batch_size: images per batch.
+        batch_size: images per batch on each replica; the global batch (one optimizer step) is
+            ``batch_size x replicas`` (1 replica unless ``distribute`` uses several devices).
         weights: ``"imagenet"``, ``None`` or a path to a backbone weights file.
         head: classification head (see :func:`covidlib.models.build_model`).
         learning_rate: first-phase learning rate (Adam).
@@ -57,7 +59,12 @@ class TrainConfig:
         seed: seed of weights init, shuffling and augmentation.
         bn_momentum: batch-norm momentum when training from scratch.
         mixed_precision: ``"auto"`` (on with a GPU), ``"on"`` or ``"off"``.
-        jit_compile: ``"auto"`` (XLA with a GPU), ``"on"`` or ``"off"``.
+        jit_compile: ``"auto"`` (XLA with a GPU), ``"on"`` or ``"off"``; off under TensorFlow's
+            distribution strategies (Keras turns XLA off there).
+        distribute: data-parallel training: ``"off"``, ``"auto"``, ``"mirrored"``,
+            ``"multiworker"`` (TensorFlow) or ``"jax_dataparallel"`` (JAX); see
+            :mod:`covidlib.distribute`. The learning rate applies to the global batch as given
+            (:data:`covidlib.distribute.LR_RULE`).
         tensorboard: write TensorBoard logs.
         enhancement: the enhancement pipeline configuration the images went through.
         name: run name (default: the backbone, or ``xray_<backbone>``).
@@ -82,6 +89,7 @@ class TrainConfig:
     bn_momentum: float = 0.5
     mixed_precision: str = "auto"
     jit_compile: str = "auto"
+    distribute: str = "off"
     tensorboard: bool = True
     enhancement: dict = field(default_factory=lambda: {"name": "none"})
     name: str | None = None
@@ -111,6 +119,10 @@ class TrainConfig:
             raise ValueError("fine_tune_epochs and patience must be >= 0")
         # Checked here, not when phase 2 starts: a bad value must not cost a trained phase 1.
         check_unfreeze(self.unfreeze, self.backbone)
+        distribute.check_choice(self.distribute, keras.backend.backend())
+        if self.jit_compile == "on" and self.distribute in ("mirrored", "multiworker"):
+            raise ValueError("jit_compile='on' does not work with TensorFlow distribution "
+                             "strategies (Keras turns XLA off under them); use 'auto' or 'off'")
 
 
 @dataclass
@@ -243,8 +255,13 @@ def _truncate_history(history_csv: Path, keep_before: int) -> None:
         atomic_write_text(history_csv, h[h["epoch"] < keep_before].to_csv(index=False))
 
 
-def _callbacks(model_dir: Path, cfg: TrainConfig, phase: str, extra: list | None) -> list:
-    """The callbacks of one phase's ``fit``; ``phase`` is ``"phase1"`` or ``"phase2"``."""
+def _callbacks(model_dir: Path, cfg: TrainConfig, phase: str, extra: list | None,
+               io: Callable[[], ContextManager] | None = None) -> list:
+    """The callbacks of one phase's ``fit``; ``phase`` is ``"phase1"`` or ``"phase2"``.
+
+    ``model_dir`` is where this process writes (a worker that is not the chief writes into a
+    folder of its own); ``io`` is the context backups are written in (``BudgetedBackupAndRestore``).
+    """
     # Order matters at an epoch's end: the best weights, the stopping decision, the learning-rate
     # change and the history row must all be in place before the backup records the epoch as done.
     best = BestWeights(model_dir / BEST_WEIGHTS, monitor="val_auc", mode="max",
@@ -257,7 +274,7 @@ def _callbacks(model_dir: Path, cfg: TrainConfig, phase: str, extra: list | None
                                                          patience=cfg.patience))
     cbs: list = [best, *stateful, PhaseCSVLogger(model_dir / "history.csv", phase=int(phase[-1])),
                  BudgetedBackupAndRestore(model_dir / "backup" / phase, also_save=[best.flush],
-                                          stateful=stateful)]
+                                          stateful=stateful, io=io)]
     if cfg.tensorboard:
         try:
             import tensorboard.summary  # noqa: F401
@@ -280,6 +297,8 @@ class _Fitting:
     jit: bool
     verbose: int | str
     extra: list | None
+    plan: distribute.Plan = field(default_factory=distribute.Plan)
+    work_dir: Path | None = None  # where this process writes: the model folder, or its own folder
 
 
 def _seek_epoch(loader: ArrayLoader, epoch: int) -> None:
@@ -296,22 +315,31 @@ def _run_phase(job: _Fitting, model_dir: Path, cfg: TrainConfig, phase: int, sta
     stopping ended it. ``fit(initial_epoch=e, epochs=E)`` runs ``E - e`` epochs, so the caller
     counts the next phase from this value.
     """
+    # Every worker resumes from the chief's backup (the run folder is shared).
     backup_dir = model_dir / "backup" / f"phase{phase}"
     state = read_backup(backup_dir)
-    _compile(job.model, lr, job.num_classes, job.jit)
+    work_dir = job.work_dir or model_dir
+    with job.plan.variable_scope():
+        _compile(job.model, lr, job.num_classes, job.jit)
+        if state is not None:
+            restore_backup(job.model, backup_dir, state)
     done = start
     if state is not None:
-        restore_backup(job.model, backup_dir, state)
         done = state["epoch"]
         if state.get("finished") or done >= stop:
             return done
-    _truncate_history(model_dir / "history.csv", done)
-    cbs = _callbacks(model_dir, cfg, f"phase{phase}", job.extra)
+    _truncate_history(work_dir / "history.csv", done)
+    cbs = _callbacks(work_dir, cfg, f"phase{phase}", job.extra,
+                     job.plan.host_io if job.plan.distributed else None)
     backup = next(cb for cb in cbs if isinstance(cb, BudgetedBackupAndRestore))
     backup.resume_state = state
     _seek_epoch(job.train_loader, done)
+    # shuffle=False: the loader owns the (seeded, per-epoch) order. Keras' own shuffle would
+    # reorder batches with Python's global random state, which a resumed run or another worker
+    # does not share.
     job.model.fit(job.train_loader, validation_data=job.val_loader, initial_epoch=done,
-                  epochs=stop, class_weight=job.class_weight, verbose=job.verbose, callbacks=cbs)
+                  epochs=stop, class_weight=job.class_weight, verbose=job.verbose, callbacks=cbs,
+                  shuffle=False)
     backup.finish()
     return done if backup.completed is None else backup.completed
 
@@ -336,10 +364,7 @@ def _open_model_dir(model_dir: Path, full_cfg: dict, classes: list[str],
     if model_dir.exists() and not overwrite and (model_dir / "done.json").is_file():
         saved = json.loads((model_dir / "config.json").read_text())
         if _same_run(saved, full_cfg):
-            from covidlib.models import load_model
-
-            return False, TrainResult(model_dir, classes, pd.read_csv(model_dir / "history.csv"),
-                                      load_model(model_dir / "model.keras"), skipped=True)
+            return False, _finished_result(model_dir, classes)
     in_progress = (model_dir / "backup").exists() and not overwrite
     if in_progress:
         saved_cfg = model_dir / "config.json"
@@ -351,6 +376,49 @@ def _open_model_dir(model_dir: Path, full_cfg: dict, classes: list[str],
     atomic_write_text(model_dir / "config.json", json.dumps(full_cfg, indent=2, default=str))
     atomic_write_text(model_dir / "labels.json", json.dumps(classes))
     return in_progress, None
+
+
+def _finished_result(model_dir: Path, classes: list[str]) -> TrainResult:
+    from covidlib.models import load_model
+
+    return TrainResult(model_dir, classes, pd.read_csv(model_dir / "history.csv"),
+                       load_model(model_dir / "model.keras"), skipped=True)
+
+
+def _open_run(plan: distribute.Plan, model_dir: Path, full_cfg: dict, classes: list[str],
+              overwrite: bool, make_store: Any) -> tuple[bool, TrainResult | None]:
+    """:func:`_open_model_dir` on the chief; the other workers then read what it decided."""
+    in_progress, finished = False, None
+    if plan.is_chief:
+        in_progress, finished = _open_model_dir(model_dir, full_cfg, classes, overwrite)
+        if finished is None and plan.workers > 1:
+            make_store()  # decoded once, by the chief: the other workers open it
+    if plan.workers > 1:
+        # Nobody reads the run folder before the chief has cleared or resumed it.
+        plan.barrier("covidlib-run-folder")
+        if not plan.is_chief:
+            saved = model_dir / "config.json"
+            if not saved.is_file():
+                raise FileNotFoundError(f"{saved} not found: every worker must see the run folder "
+                                        "the chief writes (RUN_DIR on a shared filesystem)")
+            if (model_dir / "done.json").is_file() and _same_run(json.loads(saved.read_text()),
+                                                                  full_cfg):
+                return False, _finished_result(model_dir, classes)
+            in_progress = (model_dir / "backup").exists()
+    return in_progress, finished
+
+
+def _worker_dir(model_dir: Path, plan: distribute.Plan) -> Path:
+    """A folder of its own for a worker that is not the chief, starting from the chief's history.
+
+    Its callbacks write there (nothing into the run folder); its copy of ``history.csv`` grows
+    with the same rows as the chief's, so its decisions (best epoch, resume) match the chief's
+    without reading a file the chief is writing.
+    """
+    work = Path(tempfile.mkdtemp(prefix=f"covidlib-{model_dir.name}-worker{plan.worker_index}-"))
+    if (model_dir / "history.csv").is_file():
+        shutil.copy2(model_dir / "history.csv", work / "history.csv")
+    return work
 
 
 def _fit_phases(job: _Fitting, model_dir: Path, cfg: TrainConfig) -> dict[str, int]:
@@ -405,6 +473,12 @@ def train(
     part-way resumes from its last backup (:class:`BudgetedBackupAndRestore`) and ends with the
     same epochs in each phase.
 
+    With ``cfg.distribute`` the steps run data-parallel (:mod:`covidlib.distribute`): every worker
+    calls ``train`` with the same arguments; the chief (task / process 0) prepares and writes
+    the run folder - checkpoints, logs, history, predictions and the model - while the others
+    write only into a temporary folder of their own, and resume from the chief's backup.
+    ``RUN_DIR`` must then be on a filesystem every worker sees.
+
     Args:
         manifest: rows ``path, label, patient_id, split, modality`` (absolute paths).
         run_dir: the run folder; the model goes to ``run_dir/models/<name>/``.
@@ -414,51 +488,121 @@ def train(
         verbose: Keras ``fit`` verbosity.
         extra_callbacks: more Keras callbacks, given to every phase's ``fit``.
     """
+    # First: multi-worker engines and logical devices are set up before TensorFlow / JAX start
+    # (validate() may build a backbone to count its layers).
+    plan = distribute.plan(cfg.distribute)
     cfg.validate()
     rows, classes = _training_rows(manifest, cfg)
     run_dir = Path(run_dir)
     model_dir = run_dir / "models" / cfg.run_name()
-    full_cfg = {**asdict(cfg), "classes": classes, "manifest_sha1": manifest_fingerprint(rows),
-                "keras_version": keras.__version__, "backend": keras.backend.backend()}
-    in_progress, finished = _open_model_dir(model_dir, full_cfg, classes, overwrite)
+    full_cfg = {**asdict(cfg), **plan.record(cfg.batch_size), "classes": classes,
+                "manifest_sha1": manifest_fingerprint(rows), "keras_version": keras.__version__,
+                "backend": keras.backend.backend()}
+    cache = Path(cache_dir or (run_dir / "cache"))
+    in_progress, finished = _open_run(plan, model_dir, full_cfg, classes, overwrite,
+                                      lambda: build_store(rows, cfg.img_size, cache))
     if finished is not None:
         return finished
 
-    store = build_store(rows, cfg.img_size, cache_dir or (run_dir / "cache"))
+    store = build_store(rows, cfg.img_size, cache)
+    work_dir = model_dir if plan.is_chief else _worker_dir(model_dir, plan)
+    try:
+        model, phase_epochs = _fit_model(store, classes, cfg, plan, model_dir, work_dir, verbose,
+                                         extra_callbacks)
+        if plan.is_chief:
+            model = _finish_run(model, model_dir, store, classes, cfg, plan, phase_epochs)
+    finally:
+        if work_dir != model_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    plan.barrier("covidlib-model-saved")  # every worker returns once the model is on disk
+    if not plan.is_chief:
+        from covidlib.models import load_model
+
+        model = load_model(model_dir / "model.keras")
+    history = pd.read_csv(model_dir / "history.csv")
+    return TrainResult(model_dir, classes, history, model, resumed=in_progress)
+
+
+def _fit_model(store: ArrayStore, classes: list[str], cfg: TrainConfig, plan: distribute.Plan,
+               model_dir: Path, work_dir: Path, verbose: int | str,
+               extra: list | None) -> tuple[keras.Model, dict[str, int]]:
+    """Loaders, model and both phases; returns the trained model and the epochs of each phase."""
     tr, va = store.split_indices("train"), store.split_indices("val")
     y_tr, y_va = store.labels(classes, tr), store.labels(classes, va)
     sampling = "balanced" if cfg.imbalance == "balanced_sampling" else "none"
-    train_loader = ArrayLoader(store.images, y_tr, len(classes), cfg.batch_size, rows=tr,
-                               shuffle=True, seed=cfg.seed, sampling=sampling)
-    val_loader = ArrayLoader(store.images, y_va, len(classes), cfg.batch_size, rows=va)
+    batch = cfg.batch_size * plan.replicas  # the global batch: the engine splits it
+    train_loader = ArrayLoader(store.images, y_tr, len(classes), batch, rows=tr, shuffle=True,
+                               seed=cfg.seed, sampling=sampling, **plan.loader_options(True))
+    val_loader = ArrayLoader(store.images, y_va, len(classes), batch, rows=va,
+                             **plan.loader_options(False))
+    if val_loader.pad and len(va) % plan.replicas:
+        extra = -len(va) % plan.replicas
+        warnings.warn(f"{len(va)} validation images do not split evenly over {plan.replicas} "
+                      f"devices: {extra} zero-weight copies fill the last batch; val_loss is "
+                      f"scaled by {len(va)}/{len(va) + extra} and the copies count in val_auc / "
+                      "val_accuracy (Keras metrics ignore sample weights)", UserWarning,
+                      stacklevel=3)
     cw = class_weights(y_tr, len(classes)) if cfg.imbalance == "class_weight" else None
 
     mixed, jit = _policy(cfg, gpu_available())
+    jit = jit and not plan.tf_strategy  # as Keras' own "auto": no XLA under tf.distribute
     previous_policy = keras.mixed_precision.global_policy().name
     if mixed:
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        config.seed_everything(cfg.seed, deterministic_ops=True)
-        model = build_model(cfg.backbone, len(classes), cfg.img_size, weights=cfg.weights,
-                            head=cfg.head, dropout=cfg.dropout, augment=cfg.augment,
-                            seed=cfg.seed, bn_momentum=cfg.bn_momentum)
-        job = _Fitting(model, train_loader, val_loader, cw, len(classes), jit, verbose, extra_callbacks)
-        phase_epochs = _fit_phases(job, model_dir, cfg)
+        with plan.active():
+            config.seed_everything(cfg.seed, deterministic_ops=True)
+            with plan.variable_scope():
+                model = build_model(cfg.backbone, len(classes), cfg.img_size, weights=cfg.weights,
+                                    head=cfg.head, dropout=cfg.dropout, augment=cfg.augment,
+                                    seed=cfg.seed, bn_momentum=cfg.bn_momentum)
+            job = _Fitting(model, train_loader, val_loader, cw, len(classes), jit, verbose, extra,
+                           plan, work_dir)
+            with plan.batchnorm_sync(model):
+                phase_epochs = _fit_phases(job, model_dir, cfg)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
+    return model, phase_epochs
 
+
+def _single_device_copy(model: keras.Model, plan: distribute.Plan) -> keras.Model:
+    """The trained model on one device, outside any distribution (saved and used to predict).
+
+    Only the chief calls it, so it must not need the other workers: reading replicated weights
+    does not, and the copy is made with no strategy or distribution in force.
+    """
+    weights = model.get_weights()
+    with plan.host_io():
+        copy = keras.models.clone_model(model)
+        copy.set_weights(weights)
+    return copy
+
+
+def _finish_run(model: keras.Model, model_dir: Path, store: ArrayStore, classes: list[str],
+                cfg: TrainConfig, plan: distribute.Plan,
+                phase_epochs: dict[str, int]) -> keras.Model:
+    """The chief's end of a run: model, predictions, ``done.json``; returns the saved model."""
+    if plan.distributed:
+        model = _single_device_copy(model, plan)
     _save_outputs(model, model_dir, store, classes, cfg)
     history = pd.read_csv(model_dir / "history.csv")
     atomic_write_text(model_dir / "done.json",
                       json.dumps({"epochs_run": len(history), "phase_epochs": phase_epochs}))
     shutil.rmtree(model_dir / "backup", ignore_errors=True)  # a finished run resumes nothing
-    return TrainResult(model_dir, classes, history, model, resumed=in_progress)
+    return model
 
 
 def _same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    ignore = {"keras_version"}
-    return {k: v for k, v in a.items() if k not in ignore} == json.loads(
-        json.dumps({k: v for k, v in b.items() if k not in ignore}, default=str))
+    # How the replicas are laid out (one machine or several, auto or named) does not change what
+    # is trained; their count and the global batch do.
+    ignore = {"keras_version", "distribute", "distribute_mode", "workers"}
+
+    def key(c: dict[str, Any]) -> dict[str, Any]:
+        # A run saved before data-parallel training existed ran on one replica.
+        base = {"replicas": 1, "global_batch": c.get("batch_size"), "lr_rule": distribute.LR_RULE}
+        return {k: v for k, v in {**base, **c}.items() if k not in ignore}
+
+    return key(a) == json.loads(json.dumps(key(b), default=str))
 
 
 def load_run(model_dir: str | os.PathLike) -> tuple[keras.Model, list[str], dict]:
@@ -480,15 +624,15 @@ def enhanced_manifest(manifest: pd.DataFrame, run_dir: str | os.PathLike, pipeli
     Copies live in ``run_dir/enhanced/<modality>/<pipeline>/``; the sources are never touched.
     ``pipeline == "none"`` returns the rows unchanged.
     """
-    from covidlib import enhance
+    from covidlib import enhance, enhance_batch
 
     rows = manifest[manifest["modality"] == modality].reset_index(drop=True)
     cfg = enhance.pipeline_config(pipeline, modality=modality)
     if pipeline == "none":
         return rows, cfg
     dst = Path(run_dir) / "enhanced" / modality / pipeline.replace("+", "_")
-    out = enhance.enhance_manifest(rows, dst, pipeline, workers=workers, progress=progress,
-                                   modality=modality)
+    out = enhance_batch.enhance_manifest(rows, dst, pipeline, workers=workers, progress=progress,
+                                         modality=modality)
     failed = out.attrs.get("enhance_summary", {}).get("failed") or []
     if failed:
         warnings.warn(f"{len(failed)} images could not be enhanced (see {dst}/enhance_failures.csv)",
@@ -518,7 +662,15 @@ def train_backbone(run_dir: str | os.PathLike, *, manifest: pd.DataFrame | None 
             raise FileNotFoundError(f"{path} not found: run notebook 01 (or `covidlib run`) first")
         manifest = read_manifest(path)
     cfg = TrainConfig(**config_kwargs)
+    plan = distribute.plan(cfg.distribute)  # before anything runs on TensorFlow / JAX
     cfg.validate()
-    rows, enh_cfg = enhanced_manifest(manifest, run_dir, enhancement, cfg.modality)
+    # The chief enhances; the other workers then reuse its copies (same files, same stamps, so
+    # every worker fingerprints the same data).
+    if plan.is_chief:
+        rows, enh_cfg = enhanced_manifest(manifest, run_dir, enhancement, cfg.modality)
+    plan.barrier("covidlib-enhanced")
+    if not plan.is_chief:
+        rows, enh_cfg = enhanced_manifest(manifest, run_dir, enhancement, cfg.modality,
+                                          progress=False)
     cfg.enhancement = enh_cfg
     return train(rows, run_dir, cfg, overwrite=overwrite, verbose=verbose)

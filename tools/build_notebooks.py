@@ -197,6 +197,7 @@ FINE_TUNE_LR = 1e-05         # learning rate after unfreezing (10-100x lower tha
 UNFREEZE = "all"             # all, or how many top backbone layers to unfreeze (1 to the backbone layer count)
 PATIENCE = 5                 # early stopping of phase 1 only: epochs without a better validation AUC
 IMBALANCE = "class_weight"   # class_weight | balanced_sampling | none
+DISTRIBUTE = "off"           # off | auto | mirrored | multiworker | jax_dataparallel (BATCH_SIZE is per device)
 SEED = 0
 '''),
     code('''
@@ -211,7 +212,7 @@ result = train.train_backbone(
     run_dir, backbone=BACKBONE, modality=MODALITY, enhancement=ENHANCEMENT, img_size=IMG_SIZE,
     epochs=EPOCHS, fine_tune_epochs=FINE_TUNE_EPOCHS, batch_size=BATCH_SIZE, weights=WEIGHTS,
     head=HEAD, learning_rate=LEARNING_RATE, fine_tune_lr=FINE_TUNE_LR, unfreeze=UNFREEZE,
-    patience=PATIENCE, imbalance=IMBALANCE, seed=SEED, verbose=2)
+    patience=PATIENCE, imbalance=IMBALANCE, distribute=DISTRIBUTE, seed=SEED, verbose=2)
 print("saved to", result.model_dir, "| classes:", result.classes,
       "| reused finished run" if result.skipped else "")
 '''),
