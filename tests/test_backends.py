@@ -4,7 +4,7 @@ Keras picks its backend once per process (``KERAS_BACKEND``), so each backend ru
 subprocess: build a SmallCNN with :func:`covidlib.models.build_model`, train one epoch on a
 tiny synthetic store through :class:`covidlib.data.ArrayLoader`, predict; then run
 :func:`covidlib.train.train` end to end (augmentation, every callback, saving). A backend whose
-package is not installed (e.g. ``jax``) is skipped, not failed.
+package is not installed (``torch`` is an optional extra) is skipped, not failed.
 """
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ print("RESULT " + json.dumps({
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+# torch is an optional extra (pip install "covidlib[torch]"): its wheel is large, so CI may skip it.
+@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
 def test_train_one_epoch_on_backend(backend: str, tmp_path: Path) -> None:
     if importlib.util.find_spec(backend) is None:
         pytest.skip(f"Keras backend {backend!r}: the {backend} package is not installed")
