@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import functools
 import importlib.util
 import json
@@ -90,7 +91,16 @@ def resolve_run_dir(run_dir: str | os.PathLike | None, name: str = "demo") -> Pa
 
 
 def notebook_parameters(path: str | os.PathLike) -> dict[str, Any]:
-    """Default values of a notebook's ``parameters`` cell."""
+    """Default values of a notebook's ``parameters`` cell (a fresh copy the caller may change).
+
+    Parsed once per file version: a run asks for notebook 03's defaults once per training.
+    """
+    st = os.stat(path)
+    return copy.deepcopy(_parse_parameters(os.path.abspath(path), st.st_mtime_ns, st.st_size))
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_parameters(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
     import papermill as pm
 
     import nbformat
