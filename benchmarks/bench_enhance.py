@@ -8,7 +8,7 @@ Usage::
 
 On the same N images, in one run, it times (median over repeats, after a warm-up pass):
 
-(a) floor: decode + PNG encode only (``covidlib.io.read_image`` + ``cv2.imencode``, exactly
+(a) floor: decode + PNG encode only (``covidlib.images.read_image`` + ``cv2.imencode``, exactly
     what the batch pass does around the enhancement);
 (b) the seed's recipe as published (AICOV-CT notebook): 3-channel decode, DCT round trip
     (``cv2.dct`` then ``cv2.idct`` per channel), per-channel percentile stretch, to gray, CLAHE
@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from covidlib import config  # noqa: E402
 from covidlib import enhance as E  # noqa: E402
 from covidlib import enhance_batch as EB  # noqa: E402
-from covidlib.io import read_image  # noqa: E402
+from covidlib.images import read_image  # noqa: E402
 
 DEFAULT_DATA = "/work/shared/data/ct-mosmed"
 TARGETS = {"crop+wb+clahe": 1.3, "crop+dct+wb+clahe": 2.0}

@@ -10,8 +10,8 @@ On the same images, in one run (batch 32, 224 x 224, grayscale):
 
 (a) ``keras.utils.image_dataset_from_directory`` (+ ``prefetch(AUTOTUNE)``, as the Keras guides
     recommend), which decodes and resizes every image file again every epoch;
-(b) covidlib's decode-once store: ``covidlib.data.build_store`` (the one-off build is timed
-    separately) + ``covidlib.data.ArrayLoader(shuffle=True)``, iterated over a full epoch with
+(b) covidlib's decode-once store: ``covidlib.arraystore.build_store`` (the one-off build is timed
+    separately) + ``covidlib.arraystore.ArrayLoader(shuffle=True)``, iterated over a full epoch with
     ``for i in range(len(loader)): loader[i]`` (``on_epoch_end`` between epochs, as ``fit`` does);
 (c) the same loader with ``sampling="balanced"``.
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     import keras
     import tensorflow as tf
 
-    from covidlib.data import ArrayLoader, build_store
+    from covidlib.arraystore import ArrayLoader, build_store
 
     load0 = os.getloadavg()
     t_start = time.perf_counter()

@@ -166,7 +166,7 @@ class Fit:
 
     def __init__(self, variant: str, backbone: str, store, tr, va, classes, args, work: Path):
         from covidlib import train as T
-        from covidlib.data import ArrayLoader, class_weights
+        from covidlib.arraystore import ArrayLoader, class_weights
         from covidlib.models import build_model
 
         self.variant, self.backbone = variant, backbone
@@ -258,7 +258,7 @@ def run_backbone(backbone: str, variants: list[str], store, tr, va, classes, arg
 
 def loader_epoch_s(store, tr, classes, args) -> float:
     """Median time of one epoch of ``ArrayLoader.__getitem__`` alone (no Keras)."""
-    from covidlib.data import ArrayLoader
+    from covidlib.arraystore import ArrayLoader
 
     loader = ArrayLoader(store.images, store.labels(classes, tr), len(classes), args.batch,
                          rows=tr, shuffle=True, seed=0)
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs < 1:
         ap.error("--epochs must be >= 1")
 
-    from covidlib.data import build_store
+    from covidlib.arraystore import build_store
 
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
     breakdown = {b.strip() for b in args.breakdown.split(",") if b.strip()}

@@ -80,7 +80,7 @@ def perceptual_hash(img: np.ndarray) -> int:
 
     Args:
         img: 2-D array (H, W). A 3-D array with 1 channel is accepted; colour images must be
-            converted to gray first (``covidlib.io.read_image`` does that).
+            converted to gray first (``covidlib.images.read_image`` does that).
 
     Returns:
         The hash as a non-negative Python ``int`` < 2**64.
@@ -203,9 +203,9 @@ def _hash_item(item) -> tuple[int, np.ndarray | None]:
         sig = None if item[1] is None else np.asarray(item[1], dtype=np.float32).ravel()
         return int(item[0]), sig
     if isinstance(item, (str, os.PathLike)):
-        from covidlib import io as cio
+        from covidlib import images as cimg
 
-        item = cio.read_image(Path(item))
+        item = cimg.read_image(Path(item))
     a = np.asarray(item)
     return perceptual_hash(a), structure_signature(a)
 
@@ -226,7 +226,7 @@ def near_duplicate_groups(
     can be 0 bits apart, hence the confirmation).
 
     Args:
-        images_or_paths: 2-D arrays, image paths (read with ``covidlib.io.read_image``),
+        images_or_paths: 2-D arrays, image paths (read with ``covidlib.images.read_image``),
             precomputed ``perceptual_hash`` ints, or ``(hash, structure_signature(img))`` tuples
             (computed once while reading), in any mix. A bare int disables the confirmation.
         threshold: maximum Hamming distance (0..64 bits).
@@ -238,7 +238,7 @@ def near_duplicate_groups(
 
     Raises:
         ValueError: bad threshold or a non-2-D image.
-        covidlib.io.ImageReadError: a path cannot be read.
+        covidlib.images.ImageReadError: a path cannot be read.
     """
     if not 0 <= int(threshold) <= 64:
         raise ValueError(f"threshold must be between 0 and 64 bits, got {threshold}")
@@ -315,9 +315,9 @@ def _decode(data: bytes, path: str) -> tuple[np.ndarray, int | None]:
         return arr, channels
     # DICOM / NIfTI / anything OpenCV cannot decode: the project's reader knows more formats and
     # gives a proper reason when it fails.
-    from covidlib import io as cio
+    from covidlib import images as cimg
 
-    return np.asarray(cio.read_image(Path(path))), None
+    return np.asarray(cimg.read_image(Path(path))), None
 
 
 def _scan_one(path: str) -> dict[str, Any]:

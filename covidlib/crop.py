@@ -35,7 +35,7 @@ def _check_image(img: Any, name: str = "img", allow_color: bool = False) -> np.n
             raise ValueError(f"{name} is empty (shape {a.shape})")
         return a
     want = "a 2-D grayscale or (H, W, 3) colour image" if allow_color else "a 2-D grayscale image"
-    raise ValueError(f"{name} must be {want}, got shape {a.shape} (covidlib.io.read_image returns 2-D gray)")
+    raise ValueError(f"{name} must be {want}, got shape {a.shape} (covidlib.images.read_image returns 2-D gray)")
 
 
 def _max_value(a: np.ndarray) -> int:
@@ -43,11 +43,11 @@ def _max_value(a: np.ndarray) -> int:
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:
-    """``uint8`` unchanged; ``uint16`` min-max scaled by its range (as ``covidlib.io.to_uint8``)."""
+    """``uint8`` unchanged; ``uint16`` min-max scaled by its range (as ``covidlib.images.to_uint8``)."""
     if img.dtype == np.uint8:
         return img
     try:
-        from covidlib.io import to_uint8
+        from covidlib.images import to_uint8
     except ImportError:  # pragma: no cover - io is part of the package
         lo, hi = int(img.min()), int(img.max())
         if hi <= lo:

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from covidlib import config
-from covidlib import io as cio
+from covidlib import images as cimg
 from covidlib.aliases import IGNORE, format_alias_table, map_labels
 from covidlib.fsutil import atomic_write_bytes
 from covidlib.layouts import LAYOUTS, Item, collect
@@ -119,12 +119,12 @@ def _verify(items: list[Item], quarantine: list[dict]) -> tuple[list[Item], list
 
     def check(it: Item):
         try:
-            img = cio.read_image(it.path)
-        except cio.ImageReadError as e:
+            img = cimg.read_image(it.path)
+        except cimg.ImageReadError as e:
             return e.reason, None
         except MemoryError:
             return "image too large to decode in memory", None
-        problem = cio.image_problem(img)
+        problem = cimg.image_problem(img)
         if problem:
             return problem, None
         return None, (perceptual_hash(img), structure_signature(img))

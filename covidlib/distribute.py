@@ -24,7 +24,7 @@ single-device one does). So a run with the same seed and global batch follows th
 run up to floating-point summation order: on JAX with augmentation and dropout too, on TensorFlow
 without them (each TensorFlow replica draws its own random numbers). JAX splits every batch
 evenly over its devices: the last training batch of an epoch loses up to ``replicas - 1``
-images, the last validation batch is padded (:class:`covidlib.data.ArrayLoader`). Only the chief
+images, the last validation batch is padded (:class:`covidlib.arraystore.ArrayLoader`). Only the chief
 (TensorFlow task 0, JAX process 0) writes into the model folder.
 """
 from __future__ import annotations
@@ -102,7 +102,7 @@ class Plan:
                 "global_batch": int(batch_size) * self.replicas, "lr_rule": LR_RULE}
 
     def loader_options(self, training: bool) -> dict[str, Any]:
-        """:class:`covidlib.data.ArrayLoader` options for this engine's batches.
+        """:class:`covidlib.arraystore.ArrayLoader` options for this engine's batches.
 
         TensorFlow splits each global batch over replicas and workers itself (its ``DATA``
         auto-sharding), so its loaders serve whole global batches. JAX needs batches that split

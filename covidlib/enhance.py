@@ -353,7 +353,7 @@ def enhance(
     ``bbox`` is given -- inside the box --, :func:`crop_border` for X-ray), ``dct``
     (:func:`dct_denoise`, on the source bit depth), ``wb`` (:func:`white_balance`, percentile), ``clahe`` (:func:`clahe`; a ``uint16``
     image not yet stretched is range-scaled to ``uint8`` first). The result is always ``uint8``:
-    a ``uint16`` image left after the last step is range-scaled (``covidlib.io.to_uint8``).
+    a ``uint16`` image left after the last step is range-scaled (``covidlib.images.to_uint8``).
 
     Args:
         img: 2-D ``uint8`` / ``uint16`` image.

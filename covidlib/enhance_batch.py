@@ -52,9 +52,9 @@ _MANIFEST_FILE = "manifest.csv"
 
 
 def _read(path: str) -> np.ndarray:
-    """2-D gray uint8 / uint16 image; ``covidlib.io.read_image`` when present."""
+    """2-D gray uint8 / uint16 image; ``covidlib.images.read_image`` when present."""
     try:
-        from covidlib.io import read_image
+        from covidlib.images import read_image
     except ImportError:  # pragma: no cover - io is part of the package
         data = np.fromfile(path, dtype=np.uint8)
         img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
@@ -245,7 +245,7 @@ def _pool_context():
     if sys.platform != "win32" and "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
         try:
-            ctx.set_forkserver_preload(["covidlib.enhance_batch", "covidlib.io", "threadpoolctl"])
+            ctx.set_forkserver_preload(["covidlib.enhance_batch", "covidlib.images", "threadpoolctl"])
         except Exception:
             pass
         return ctx

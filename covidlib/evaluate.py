@@ -855,7 +855,7 @@ def tta_split_predictions(
 
     The rows and their order are those of the model's ``predictions_<split>.csv`` (written when it
     was trained; its paths point at the images it was trained on, enhanced copies included). Each
-    image is read and resized as the array store keeps it (:func:`covidlib.data.read_resized`),
+    image is read and resized as the array store keeps it (:func:`covidlib.arraystore.read_resized`),
     unless ``images`` gives them already.
 
     Args:
@@ -880,7 +880,7 @@ def tta_split_predictions(
     model, classes, cfg = load_model_dir(model_dir)
     size = int(cfg["img_size"])
     if images is None:
-        from covidlib.data import read_resized
+        from covidlib.arraystore import read_resized
 
         images = np.stack([read_resized(p, size) for p in base["path"]]) if len(base) else \
             np.zeros((0, size, size), np.uint8)

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from covidlib.io import to_uint8
+from covidlib.images import to_uint8
 
 __all__ = [
     "grad_cam",

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from covidlib import config
-from covidlib import io as cio
+from covidlib import images as cimg
 from covidlib.aliases import alias_lookup, normalize_class_name
 
 __all__ = [
@@ -286,9 +286,9 @@ def _walk_class_folder(
                 continue
             rel = p.relative_to(root).as_posix()
             suf = p.suffix.lower()
-            if cio.is_nifti_path(p):
+            if cimg.is_nifti_path(p):
                 items.append(Item(p, cls, rel, split=split, kind="nifti"))
-            elif suf == ".dcm" or (suf == "" and cio.is_dicom_file(p)):
+            elif suf == ".dcm" or (suf == "" and cimg.is_dicom_file(p)):
                 items.append(Item(p, cls, rel, split=split, kind="dicom"))
             elif suf in config.IMAGE_EXTENSIONS:
                 items.append(Item(p, cls, rel, split=split))
@@ -306,7 +306,7 @@ def _collect_class_folders(root: Path, quarantine: list[dict], notes: Counter, s
     try:
         loose = [p for p in sorted(root.iterdir()) if p.is_file() and not _is_junk(p.name)
                  and (p.suffix.lower() in config.IMAGE_EXTENSIONS or p.suffix.lower() == ".dcm"
-                      or cio.is_nifti_path(p))]
+                      or cimg.is_nifti_path(p))]
         dirs = _visible_dirs(root)
     except OSError as e:  # e.g. a split folder without read permission
         _unreadable_folder(quarantine, e, root)
@@ -503,7 +503,7 @@ def _collect_csv(csv_path: Path, quarantine, warn: list[str], modality: str) -> 
             rel = p.resolve().relative_to(base.resolve()).as_posix()
         except ValueError:
             rel = p.as_posix()
-        kind = "nifti" if cio.is_nifti_path(p) else ("dicom" if p.suffix.lower() == ".dcm" else "image")
+        kind = "nifti" if cimg.is_nifti_path(p) else ("dicom" if p.suffix.lower() == ".dcm" else "image")
         items.append(Item(p, cls, rel, split=split,
                            patient=(str(row[ic]).strip() or None) if ic else None,
                            source=(str(row[oc]).strip() or None) if oc else None,

@@ -155,7 +155,7 @@ def check_input_scale(x: np.ndarray, *, where: str = "input") -> None:
     elif hi > 255.0 + 1e-3 or lo < -1e-3:
         warnings.warn(
             f"{where}: pixel values lie in [{lo:.3g}, {hi:.3g}], outside 0..255 "
-            "(16-bit or HU data must be windowed to 8 bits first, see covidlib.io).",
+            "(16-bit or HU data must be windowed to 8 bits first, see covidlib.images).",
             UserWarning,
             stacklevel=2,
         )

@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from covidlib import config
-from covidlib.io import to_uint8
+from covidlib.images import to_uint8
 from covidlib.fsutil import atomic_write_bytes
 
 __all__ = [
@@ -100,7 +100,7 @@ def _class_color(label: str, i: int) -> str:
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:
-    """Display copy of an image as uint8 (one channel dropped; see :func:`covidlib.io.to_uint8`)."""
+    """Display copy of an image as uint8 (one channel dropped; see :func:`covidlib.images.to_uint8`)."""
     img = np.asarray(img)
     return to_uint8(img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img)
 
@@ -231,7 +231,7 @@ def plot_samples(
         n_per_class: images per class (fewer when a class has fewer).
         path: optional PNG path.
         seed: sampling seed.
-        read: image reader; defaults to ``covidlib.io.read_image``. An unreadable image is
+        read: image reader; defaults to ``covidlib.images.read_image``. An unreadable image is
             shown as a panel with the error, not skipped.
     """
     _require_columns(manifest_df, ["path", "label"], "plot_samples")
@@ -240,7 +240,7 @@ def plot_samples(
     if n_per_class < 1:
         raise ValueError(f"plot_samples: n_per_class must be >= 1, got {n_per_class}")
     if read is None:
-        from covidlib.io import read_image as read
+        from covidlib.images import read_image as read
     classes = config.ordered_classes(manifest_df["label"].astype(str))
     rng = np.random.default_rng(seed)
     picks: dict[str, pd.DataFrame] = {}

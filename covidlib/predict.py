@@ -1,9 +1,9 @@
 """Predict with a trained run: every CT member model and their vote, on files or folders.
 
 :func:`predict_paths` reads PNG / JPEG / BMP / TIFF, DICOM and NIfTI (one row per axial slice,
-key ``<file>#z0012`` as in :func:`covidlib.io.iter_images`), prepares each image the way the
+key ``<file>#z0012`` as in :func:`covidlib.images.iter_images`), prepares each image the way the
 member was trained (the enhancement recorded in its ``config.json``, then
-:func:`covidlib.data.square_resize` to its ``img_size``), runs every member and combines them with
+:func:`covidlib.arraystore.square_resize` to its ``img_size``), runs every member and combines them with
 :func:`covidlib.ensemble.combine`. One row per image::
 
     path, prediction, vote:p_<class>... | vote:score_<class>..., vote:votes, vote:agreement,
@@ -24,7 +24,7 @@ What the numbers are (:func:`describe_columns`; also ``df.attrs["columns"]``, th
   ``<NAME>:tta_sd`` is the spread across the views of the probability of the class the member
   predicts (population SD, 0..0.5). ``tta=0`` (the default) is the plain prediction.
 
-A file that cannot be read, an image that ingestion would refuse (:func:`covidlib.io.image_problem`:
+A file that cannot be read, an image that ingestion would refuse (:func:`covidlib.images.image_problem`:
 too small, blank) and a folder that cannot be listed get a row with only ``path`` and ``error``
 filled: one bad file never stops the batch and is never dropped. Model folders are checked before
 they are trusted (:mod:`covidlib.runs`); output paths are checked before any work
@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from covidlib import config
-from covidlib import io as cio
+from covidlib import images as cimg
 from covidlib.fsutil import slug
 
 __all__ = [
@@ -257,9 +257,9 @@ def vote_settings(run_dir: str | os.PathLike | None, member_names: Sequence[str]
 # --------------------------------------------------------------------------- inputs
 def _is_candidate(p: Path) -> bool:
     suf = p.suffix.lower()
-    if suf in config.IMAGE_EXTENSIONS or suf == ".dcm" or cio.is_nifti_path(p):
+    if suf in config.IMAGE_EXTENSIONS or suf == ".dcm" or cimg.is_nifti_path(p):
         return True
-    return suf == "" and cio.is_dicom_file(p)
+    return suf == "" and cimg.is_dicom_file(p)
 
 
 def _dicom_order(files: list[Path]) -> list[Path]:
@@ -267,10 +267,10 @@ def _dicom_order(files: list[Path]) -> list[Path]:
     headed, rest = [], []
     for p in files:
         try:
-            headed.append((p, cio._dcmread(p, stop_before_pixels=True)))
+            headed.append((p, cimg._dcmread(p, stop_before_pixels=True)))
         except Exception:  # noqa: BLE001 - reported when the file itself is read
             rest.append(p)
-    headed.sort(key=lambda t: cio.dicom_sort_key(t[1], t[0].name))
+    headed.sort(key=lambda t: cimg.dicom_sort_key(t[1], t[0].name))
     return [p for p, _ in headed] + sorted(rest)
 
 
@@ -315,14 +315,14 @@ def expand_paths(paths: Iterable[str | os.PathLike],
 def _read_file(p: Path, window: str) -> list[tuple[str, np.ndarray]]:
     """``(key, 2-D image)`` for every image in one file (one per slice/frame for volumes)."""
     if not os.path.lexists(p):
-        raise cio.ImageNotFoundError(p, "file not found")
+        raise cimg.ImageNotFoundError(p, "file not found")
     if p.is_dir():
-        raise cio.ImageReadError(p, "is a folder")
+        raise cimg.ImageReadError(p, "is a folder")
     out = []
-    for key, img in cio.iter_images(p, window=window, errors="raise"):
+    for key, img in cimg.iter_images(p, window=window, errors="raise"):
         out.append((str(p) + key[len(p.name):], img))
     if not out:
-        raise cio.ImageReadError(p, "holds no image (empty volume?)")
+        raise cimg.ImageReadError(p, "holds no image (empty volume?)")
     return out
 
 
@@ -333,7 +333,7 @@ def iter_inputs(files: Iterable[Path], window: str = "lung",
 
     ``files`` and ``unreadable`` as filled by :func:`expand_paths`. An image is refused when it
     cannot be read, or when it decodes but is no usable picture: ingestion's own check
-    (:func:`covidlib.io.image_problem`: smaller than 16 px a side, blank) refuses it too, so a
+    (:func:`covidlib.images.image_problem`: smaller than 16 px a side, blank) refuses it too, so a
     1x1 or an all-black image never gets class probabilities.
     """
     for p in files:
@@ -342,27 +342,27 @@ def iter_inputs(files: Iterable[Path], window: str = "lung",
             continue
         try:
             items = _read_file(p, window)
-        except cio.ImageReadError as exc:
+        except cimg.ImageReadError as exc:
             yield str(p), None, exc.reason
             continue
         except Exception as exc:  # noqa: BLE001 - any decoder failure is this file's error, not the batch's
             yield str(p), None, f"{type(exc).__name__}: {exc}"
             continue
         for key, img in items:
-            problem = cio.image_problem(img)
+            problem = cimg.image_problem(img)
             yield (key, None, problem) if problem else (key, img, None)
 
 
 def _prepare(img: np.ndarray, member: Member, enhanced: bool) -> np.ndarray:
     """One image as the member saw it in training: enhancement (if any), uint8, square resize."""
-    from covidlib.data import square_resize
+    from covidlib.arraystore import square_resize
 
     if member.enhancement is not None and not enhanced:
         from covidlib import enhance
 
         e = member.enhancement
         img = enhance.enhance(img, e["name"], modality=e["modality"], **e["params"])
-    return square_resize(cio.to_uint8(img), member.img_size)
+    return square_resize(cimg.to_uint8(img), member.img_size)
 
 
 # --------------------------------------------------------------------------- predicting
@@ -621,7 +621,7 @@ def predict_paths(
             plus one for the vote (columns ``gradcam_<NAME>``, ``gradcam_vote``). Checked before
             any work (:func:`check_outputs`): not a file, not inside / around the inputs.
         batch_size: images per forward pass (also the chunk read into memory at once).
-        window: CT window for DICOM / NIfTI (``covidlib.io.WINDOWS``).
+        window: CT window for DICOM / NIfTI (``covidlib.images.WINDOWS``).
         enhanced: the inputs already went through the run's enhancement pipeline (e.g.
             ``covidlib enhance``); by default each member's recorded enhancement is applied, as in
             training.
@@ -657,7 +657,7 @@ def predict_paths(
         raise ValueError("no input paths given")
     batch_size = max(1, int(batch_size))
     tta = _check_tta(tta)
-    cio._window_bounds(window)  # a bad window is a usage error, not one error row per file
+    cimg._window_bounds(window)  # a bad window is a usage error, not one error row per file
     # Output paths first: no model is loaded, no image read, for an output that cannot be used.
     check_outputs(paths, gradcam_dir=gradcam_dir, allow_inside_input=allow_inside_input)
     members = load_members(find_members(run_dir, model_dirs))

@@ -309,7 +309,7 @@ class RunReport:
         if not len(self.members.base_test):
             return None
         if not hasattr(self, "_test_images"):
-            from covidlib.data import read_resized
+            from covidlib.arraystore import read_resized
 
             size = self._img_size()
             self._test_images = np.stack([read_resized(p, size) for p in self.members.base_test["path"]])

@@ -368,7 +368,7 @@ def check_value(name: str, value: Any, default: Any) -> str | None:
 
 def _holds_image(folder: Path) -> bool:
     """True at the first image / DICOM / NIfTI file under ``folder`` (names only, nothing decoded)."""
-    from covidlib import io as cio
+    from covidlib import images as cimg
 
     exts = config.IMAGE_EXTENSIONS + (".dcm",)
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -377,8 +377,8 @@ def _holds_image(folder: Path) -> bool:
             path = Path(dirpath) / fn
             if fn.startswith("."):
                 continue
-            if path.suffix.lower() in exts or cio.is_nifti_path(path) or (
-                    not path.suffix and cio.is_dicom_file(path)):
+            if path.suffix.lower() in exts or cimg.is_nifti_path(path) or (
+                    not path.suffix and cimg.is_dicom_file(path)):
                 return True
     return False
 

@@ -24,7 +24,7 @@ import keras
 
 from covidlib import config, distribute
 from covidlib.fsutil import atomic_write_text
-from covidlib.data import ArrayLoader, ArrayStore, build_store, class_weights, manifest_fingerprint
+from covidlib.arraystore import ArrayLoader, ArrayStore, build_store, class_weights, manifest_fingerprint
 from covidlib.callbacks import (BestWeights, BudgetedBackupAndRestore, EpochTensorBoard,
                                 PhaseCSVLogger, load_best_weights, read_backup, restore_backup)
 from covidlib.models import build_model, check_unfreeze, set_backbone_trainable

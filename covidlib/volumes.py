@@ -1,7 +1,7 @@
 """DICOM series and NIfTI volumes -> PNG slices (ingest step 3).
 
 The slices are written under ``<work_dir>/converted/<data set>-<hash>/``, never into the source
-(which is read-only), in the lung window of :func:`covidlib.io.read_volume`. A slice already
+(which is read-only), in the lung window of :func:`covidlib.images.read_volume`. A slice already
 converted and newer than its source is reused, so a second ingest is quick and gives the same
 manifest. A file that cannot be read or written goes to ``quarantine`` with a reason.
 
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from covidlib import config
-from covidlib import io as cio
+from covidlib import images as cimg
 from covidlib.fsutil import atomic_write_bytes, slug
 from covidlib.layouts import Item
 
@@ -116,8 +116,8 @@ def _dicom_series(dicoms: list[Item], quarantine: list[dict]) -> list[tuple[str,
         groups: dict[str, list] = defaultdict(list)
         for it in its:
             try:
-                ds = cio._dcmread(it.path, stop_before_pixels=True)
-            except cio.ImageReadError as e:
+                ds = cimg._dcmread(it.path, stop_before_pixels=True)
+            except cimg.ImageReadError as e:
                 quarantine.append({"path": str(it.path), "reason": e.reason})
                 continue
             groups[str(ds.get("SeriesInstanceUID", ""))].append((it, ds))
@@ -140,10 +140,10 @@ def _dicom_frames(it: Item, dst: Path, conv_root: Path, key: str, idx: int) -> l
     """Write one DICOM file's frame(s) as PNG (unless fresh ones exist); their paths.
 
     Raises:
-        covidlib.io.ImageReadError, OSError: unreadable file, or a slice that cannot be written.
+        covidlib.images.ImageReadError, OSError: unreadable file, or a slice that cannot be written.
     """
     if not _fresh(dst, it.path):
-        frames = cio.read_volume(it.path)  # handles single- and multi-frame DICOM
+        frames = cimg.read_volume(it.path)  # handles single- and multi-frame DICOM
         if len(frames) == 1:
             _atomic_write_png(dst, frames[0])
         else:
@@ -162,13 +162,13 @@ def _convert_dicom(series: list[tuple[str, list[tuple[Item, Any]]]], conv_root: 
         notes.append("DICOM: patient_id taken from the PatientID tag (it differs between series)")
     n_slices = 0
     for key, members in series:
-        members.sort(key=lambda t: cio.dicom_sort_key(t[1], t[0].path.name))
+        members.sort(key=lambda t: cimg.dicom_sort_key(t[1], t[0].path.name))
         pid = f"dcm:{str(members[0][1].get('PatientID')).strip()}" if use_pid else f"dcm:{key}"
         for idx, (it, _) in enumerate(members):
             dst = conv_root / key / f"{idx:04d}_{slug(it.path.stem)}.png"
             try:
                 frame_paths = _dicom_frames(it, dst, conv_root, key, idx)
-            except cio.ImageReadError as e:
+            except cimg.ImageReadError as e:
                 quarantine.append({"path": str(it.path), "reason": e.reason})
                 continue
             except OSError as e:
@@ -191,14 +191,14 @@ def _nifti_slices(it: Item, vdir: Path, notes: list[str]) -> list[Path]:
     """Write one volume's axial slices as PNG (unless fresh ones exist); their paths.
 
     Raises:
-        covidlib.io.ImageReadError, OSError: unreadable volume, or a slice that cannot be written.
+        covidlib.images.ImageReadError, OSError: unreadable volume, or a slice that cannot be written.
     """
     existing = sorted(vdir.glob("z*.png")) if vdir.exists() else []
     if existing and all(_fresh(p, it.path) for p in existing[:1]):
         return existing
     with _warnings.catch_warnings(record=True) as caught:
         _warnings.simplefilter("always")
-        slices = cio.read_volume(it.path)
+        slices = cimg.read_volume(it.path)
     for w in caught:
         notes.append(str(w.message))
     paths = []
@@ -218,7 +218,7 @@ def _convert_nifti(niftis: list[Item], conv_root: Path, quarantine: list[dict], 
         key = (Path(it.rel).parent / stem).as_posix() if "/" in it.rel else stem
         try:
             paths = _nifti_slices(it, conv_root / (key + "_nii"), notes)
-        except cio.ImageReadError as e:
+        except cimg.ImageReadError as e:
             quarantine.append({"path": str(it.path), "reason": e.reason})
             continue
         except OSError as e:

@@ -1,6 +1,6 @@
 """Test helpers: a corpus of malformed inputs, plus writers for small valid PNG / DICOM / NIfTI files.
 
-Shared by ``tests/test_io.py``, ``tests/test_datasets.py`` and the audit tests. Import it as::
+Shared by ``tests/test_images.py``, ``tests/test_datasets.py`` and the audit tests. Import it as::
 
     try:
         from malformed import write_malformed_corpus, MALFORMED_EXPECTATIONS, tree_snapshot
@@ -10,8 +10,8 @@ Shared by ``tests/test_io.py``, ``tests/test_datasets.py`` and the audit tests. 
 ``write_malformed_corpus(folder)`` writes every item flat into ``folder``. What each one should do
 is in :data:`MALFORMED_EXPECTATIONS` (keyed by file name):
 
-* ``"error"``    -- ``covidlib.io.read_image`` raises ``ImageReadError`` (with a reason);
-* ``"unusable"`` -- it decodes, but ``covidlib.io.image_problem`` flags it (1x1, blank), so ingest
+* ``"error"``    -- ``covidlib.images.read_image`` raises ``ImageReadError`` (with a reason);
+* ``"unusable"`` -- it decodes, but ``covidlib.images.image_problem`` flags it (1x1, blank), so ingest
   quarantines it;
 * ``"ok"``       -- it is a valid image under a misleading name and must read fine (a PNG saved as
   ``.bmp``: decoding goes by content, not by extension).

@@ -2,7 +2,7 @@
 
 Keras picks its backend once per process (``KERAS_BACKEND``), so each backend runs in its own
 subprocess: build a SmallCNN with :func:`covidlib.models.build_model`, train one epoch on a
-tiny synthetic store through :class:`covidlib.data.ArrayLoader`, predict; then run
+tiny synthetic store through :class:`covidlib.arraystore.ArrayLoader`, predict; then run
 :func:`covidlib.train.train` end to end (augmentation, every callback, saving). A backend whose
 package is not installed (``torch`` is an optional extra) is skipped, not failed.
 """
@@ -35,7 +35,7 @@ import numpy as np
 import keras
 
 from covidlib import config
-from covidlib.data import ArrayLoader, build_store
+from covidlib.arraystore import ArrayLoader, build_store
 from covidlib.datasets import read_manifest
 from covidlib.models import build_model
 from covidlib.synthetic import write_synthetic_dataset

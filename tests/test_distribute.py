@@ -176,7 +176,7 @@ def test_off_and_auto_without_accelerators_train_on_one_device():
 
 
 def test_loader_shards_split_each_global_batch_without_copying():
-    from covidlib.data import ArrayLoader
+    from covidlib.arraystore import ArrayLoader
 
     images = np.arange(11 * 2 * 2, dtype=np.uint8).reshape(11, 2, 2)
     labels = np.arange(11) % 3
@@ -257,7 +257,7 @@ def test_jax_dataparallel_on_two_host_devices_matches_one_device(tmp_path,
     pytest.importorskip("jax")
     # 6 validation and 6 test images (one of each class fewer): JAX splits every batch evenly
     # over its devices, and 9 would need a zero-weight copy in the last validation batch, which
-    # val_auc counts (see covidlib.data.ArrayLoader). One batch shape also means fewer compiles.
+    # val_auc counts (see covidlib.arraystore.ArrayLoader). One batch shape also means fewer compiles.
     m = tiny_ct_manifest_session
     manifest = m.drop(m[m["split"] != "train"].groupby(["split", "label"]).tail(1).index)
     env = _env(tmp_path, KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2")

@@ -229,7 +229,7 @@ def test_manifest_pass_drops_the_bbox_columns(tmp_path):
 @pytest.mark.filterwarnings("ignore:.*collapsed to one class:UserWarning")
 def test_a_model_trained_on_lungcrop_gets_the_same_crop_at_predict_time(tmp_path, tiny_ct_manifest):
     from covidlib import predict, train
-    from covidlib.data import read_resized
+    from covidlib.arraystore import read_resized
 
     res = train.train_backbone(tmp_path, manifest=tiny_ct_manifest, enhancement="lungcrop+wb+clahe",
                                backbone="SmallCNN", img_size=32, epochs=1, batch_size=18, augment=False,
@@ -241,7 +241,7 @@ def test_a_model_trained_on_lungcrop_gets_the_same_crop_at_predict_time(tmp_path
     test = tiny_ct_manifest[tiny_ct_manifest["split"] == "test"]
     df = predict.predict_paths(list(test["path"]), model_dirs=[res.model_dir])
     (member,) = predict.load_members({res.model_dir.name: res.model_dir})
-    from covidlib.io import read_image
+    from covidlib.images import read_image
 
     by_tail = {tail(p): p for p in saved["path"]}
     for src in test["path"]:  # the array training used == the array predict prepares

@@ -24,7 +24,7 @@ except ImportError:  # tests/ made into a package
     from tests.malformed import _texture, write_ct_dicom, write_image, write_nifti
 
 from covidlib import config, ensemble, enhance, predict  # noqa: E402
-from covidlib.data import square_resize  # noqa: E402
+from covidlib.arraystore import square_resize  # noqa: E402
 from covidlib.models import build_model, load_model  # noqa: E402
 from covidlib.train import save_model_atomic  # noqa: E402
 
@@ -173,7 +173,7 @@ def test_written_csv_says_which_columns_are_probabilities(predicted, tmp_path):
 def test_member_sees_its_training_preparation(predicted, run_dir):
     """Member 0 was trained on crop+wb+clahe images: predict applies it, then square_resize."""
     df, files, *_ = predicted
-    from covidlib.io import read_image
+    from covidlib.images import read_image
 
     img = read_image(files["png"])
     for name, enh in ((NAMES[0], True), (NAMES[1], False)):

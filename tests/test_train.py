@@ -20,8 +20,8 @@ import pytest
 import keras  # a hard dependency: a broken install must fail, not skip
 
 from covidlib import callbacks, models, train  # noqa: E402
-from covidlib.data import build_store, square_resize  # noqa: E402
-from covidlib.io import read_image, to_uint8  # noqa: E402
+from covidlib.arraystore import build_store, square_resize  # noqa: E402
+from covidlib.images import read_image, to_uint8  # noqa: E402
 
 S = 32
 CLASSES = ["covid", "cap", "normal"]

@@ -143,7 +143,7 @@ ABLATION_PIPELINES = ["none", "crop", "crop+wb", "crop+clahe", "crop+wb+clahe", 
 N_BOOT = 1000
 '''),
     code('''
-from covidlib import ablation, config, datasets, io, plots, runner
+from covidlib import ablation, config, datasets, images, plots, runner
 
 config.seed_everything(SEED)
 run_dir = runner.resolve_run_dir(RUN_DIR)
@@ -153,7 +153,7 @@ manifest = datasets.read_manifest(run_dir / "manifest.csv")
     code('''
 sample = manifest[(manifest.modality == "ct") & (manifest.split == "train")].sample(1, random_state=SEED).iloc[0]
 print(sample.path, "|", sample.label)
-steps = ablation.preview_steps(io.read_image(sample.path), "crop+dct+wb+clahe", modality="ct")
+steps = ablation.preview_steps(images.read_image(sample.path), "crop+dct+wb+clahe", modality="ct")
 plots.plot_enhancement_steps(steps, run_dir / "figures" / "enhancement_steps_ct.png")
 '''),
     md("## Ablation: the same model on each pipeline"),
@@ -318,6 +318,8 @@ if __name__ == "__main__":
     out.mkdir(exist_ok=True)
     for name, nb in [("01_download_data", NB01), ("02_enhancement_ablation", NB02),
                      ("03_train_backbone", NB03), ("04_two_phase_evaluation_voting", NB04)]:
+        for i, cell in enumerate(nb.cells):  # stable ids: a rebuild changes only what changed
+            cell.id = f"{name[:2]}-{i:02d}"
         nbf.validate(nb)
         nbf.write(nb, out / f"{name}.ipynb")
         print("wrote", out / f"{name}.ipynb")

@@ -1,4 +1,4 @@
-"""Tests for covidlib.data: the decode-once store, square resizing and the batch loader."""
+"""Tests for covidlib.arraystore: the decode-once store, square resizing and the batch loader."""
 from __future__ import annotations
 
 import os
@@ -14,7 +14,7 @@ import pytest
 
 import keras  # noqa: F401 - a hard dependency: a broken install must fail, not skip
 
-from covidlib import data  # noqa: E402
+from covidlib import arraystore  # noqa: E402
 
 
 def _write_images(folder: Path, n: int = 6, size: int = 24) -> pd.DataFrame:
@@ -47,18 +47,18 @@ def _counting_reader():
 def test_build_store_decodes_once_and_reuses(tmp_path):
     man = _write_images(tmp_path / "img")
     read, calls = _counting_reader()
-    s1 = data.build_store(man, 16, tmp_path / "cache", reader=read, workers=1)
+    s1 = arraystore.build_store(man, 16, tmp_path / "cache", reader=read, workers=1)
     assert len(calls) == len(man)
     assert s1.images.shape == (6, 16, 16) and s1.images.dtype == np.uint8
     assert s1.img_size == 16
     # Row i of the store is image i, resized.
     for i in range(6):
         src = cv2.imread(man.loc[i, "path"], cv2.IMREAD_GRAYSCALE)
-        np.testing.assert_array_equal(s1.images[i], data.square_resize(src, 16))
+        np.testing.assert_array_equal(s1.images[i], arraystore.square_resize(src, 16))
         assert s1.images[i][0, 5] == 20 * i + 10
     assert list(s1.index["path"]) == list(man["path"])
     assert list(s1.split_indices("val")) == [4, 5]
-    s2 = data.build_store(man.copy(), 16, tmp_path / "cache", reader=read, workers=1)
+    s2 = arraystore.build_store(man.copy(), 16, tmp_path / "cache", reader=read, workers=1)
     assert len(calls) == len(man), "second call must not decode again"
     assert s2.root == s1.root
     np.testing.assert_array_equal(np.asarray(s2.images), np.asarray(s1.images))
@@ -68,12 +68,12 @@ def test_build_store_decodes_once_and_reuses(tmp_path):
 def test_build_store_rebuilds_when_a_file_changes(tmp_path):
     man = _write_images(tmp_path / "img")
     read, calls = _counting_reader()
-    s1 = data.build_store(man, 16, tmp_path / "cache", reader=read, workers=1)
+    s1 = arraystore.build_store(man, 16, tmp_path / "cache", reader=read, workers=1)
     target = Path(man.loc[2, "path"])
     cv2.imwrite(str(target), np.full((24, 24), 7, np.uint8))
     st = target.stat()
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # a surely newer stamp
-    s2 = data.build_store(man, 16, tmp_path / "cache", reader=read, workers=1)
+    s2 = arraystore.build_store(man, 16, tmp_path / "cache", reader=read, workers=1)
     assert s2.root != s1.root
     assert len(calls) == 2 * len(man)
     assert np.all(np.asarray(s2.images[2]) == 7)
@@ -83,12 +83,12 @@ def test_build_store_rebuilds_when_a_file_changes(tmp_path):
 def test_build_store_rebuilds_for_another_size_or_label(tmp_path):
     man = _write_images(tmp_path / "img")
     read, calls = _counting_reader()
-    s16 = data.build_store(man, 16, tmp_path / "cache", reader=read, workers=1)
-    s20 = data.build_store(man, 20, tmp_path / "cache", reader=read, workers=1)
+    s16 = arraystore.build_store(man, 16, tmp_path / "cache", reader=read, workers=1)
+    s20 = arraystore.build_store(man, 20, tmp_path / "cache", reader=read, workers=1)
     assert s20.root != s16.root and s20.img_size == 20
     relabel = man.copy()
     relabel.loc[0, "label"] = "cap"
-    s16b = data.build_store(relabel, 16, tmp_path / "cache", reader=read, workers=1)
+    s16b = arraystore.build_store(relabel, 16, tmp_path / "cache", reader=read, workers=1)
     assert s16b.root != s16.root
     assert s16b.index.loc[0, "label"] == "cap"
     assert len(calls) == 3 * len(man)
@@ -100,7 +100,7 @@ def test_corrupt_file_left_out_with_warning(tmp_path):
     bad.write_bytes(b"this is not a png")
     before = (bad.read_bytes(), bad.stat().st_mtime_ns)
     with pytest.warns(UserWarning, match="could not be decoded"):
-        store = data.build_store(man, 16, tmp_path / "cache", workers=2)  # default reader (covidlib.io)
+        store = arraystore.build_store(man, 16, tmp_path / "cache", workers=2)  # default reader (covidlib.images)
     assert [f["path"] for f in store.params["failed"]] == [str(bad)]
     assert store.params["failed"][0]["reason"]
     assert store.params["n"] == 5 and store.images.shape[0] == 5
@@ -111,23 +111,23 @@ def test_corrupt_file_left_out_with_warning(tmp_path):
         assert store.images[i][0, 5] == 20 * k + 10
     assert (bad.read_bytes(), bad.stat().st_mtime_ns) == before  # raw data untouched
     # The reused store still reports the failure.
-    again = data.build_store(man, 16, tmp_path / "cache")
+    again = arraystore.build_store(man, 16, tmp_path / "cache")
     assert again.root == store.root and len(again.params["failed"]) == 1
 
 
 def test_build_store_bad_manifest(tmp_path):
     with pytest.raises(ValueError, match="lacks columns"):
-        data.build_store(pd.DataFrame({"path": ["a.png"]}), 16, tmp_path)
+        arraystore.build_store(pd.DataFrame({"path": ["a.png"]}), 16, tmp_path)
     with pytest.raises(ValueError, match="empty"):
-        data.build_store(pd.DataFrame(columns=["path", "label", "split", "patient_id"]), 16, tmp_path)
+        arraystore.build_store(pd.DataFrame(columns=["path", "label", "split", "patient_id"]), 16, tmp_path)
     with pytest.raises(FileNotFoundError):
-        data.open_store(tmp_path / "nothing")
+        arraystore.open_store(tmp_path / "nothing")
 
 
 def test_store_labels(tmp_path):
     man = _write_images(tmp_path / "img")
     read, _ = _counting_reader()
-    store = data.build_store(man, 16, tmp_path / "cache", reader=read, workers=1)
+    store = arraystore.build_store(man, 16, tmp_path / "cache", reader=read, workers=1)
     assert list(store.labels(["covid", "normal"])) == [0, 1, 0, 1, 0, 1]
     assert list(store.labels(["normal", "covid"], np.array([0, 1]))) == [1, 0]
     with pytest.raises(ValueError, match="not among the classes"):
@@ -137,7 +137,7 @@ def test_store_labels(tmp_path):
 @pytest.mark.parametrize("shape", [(20, 40), (40, 20)])
 def test_square_resize_pads_and_keeps_aspect(shape):
     img = np.full(shape, 200, np.uint8)
-    out = data.square_resize(img, 32)
+    out = arraystore.square_resize(img, 32)
     assert out.shape == (32, 32) and out.dtype == np.uint8
     bright = out > 100
     rows, cols = np.flatnonzero(bright.any(axis=1)), np.flatnonzero(bright.any(axis=0))
@@ -154,8 +154,8 @@ def test_square_resize_pads_and_keeps_aspect(shape):
 
 def test_square_resize_same_size_and_enlarge():
     img = np.arange(16 * 16, dtype=np.uint16).reshape(16, 16).astype(np.uint8)
-    np.testing.assert_array_equal(data.square_resize(img, 16), img)
-    big = data.square_resize(np.full((10, 10), 90, np.uint8), 40)
+    np.testing.assert_array_equal(arraystore.square_resize(img, 16), img)
+    big = arraystore.square_resize(np.full((10, 10), 90, np.uint8), 40)
     assert big.shape == (40, 40) and np.all(big == 90)
 
 
@@ -172,7 +172,7 @@ def test_array_loader_batches():
     n, k = 10, 3
     images = _indexed_images(n)
     y = np.arange(n) % k
-    loader = data.ArrayLoader(images, y, k, batch_size=4)
+    loader = arraystore.ArrayLoader(images, y, k, batch_size=4)
     assert len(loader) == 3
     x, onehot = loader[0]
     assert x.dtype == np.uint8 and x.shape == (4, 4, 4, 1)
@@ -186,23 +186,23 @@ def test_array_loader_batches():
 def test_array_loader_rows_subset():
     images = _indexed_images(10)
     rows = np.array([7, 2, 9])
-    loader = data.ArrayLoader(images, np.array([1, 0, 1]), 2, batch_size=8, rows=rows)
+    loader = arraystore.ArrayLoader(images, np.array([1, 0, 1]), 2, batch_size=8, rows=rows)
     x, y = loader[0]
     got = dict(zip(x[:, 0, 0, 0].tolist(), y.argmax(axis=1).tolist()))
     assert got == {7: 1, 2: 0, 9: 1}
     with pytest.raises(ValueError, match="labels"):
-        data.ArrayLoader(images, np.array([0, 1]), 2, rows=rows)
+        arraystore.ArrayLoader(images, np.array([0, 1]), 2, rows=rows)
     with pytest.raises(ValueError, match="sampling"):
-        data.ArrayLoader(images, np.zeros(10, int), 2, sampling="oversample")
+        arraystore.ArrayLoader(images, np.zeros(10, int), 2, sampling="oversample")
 
 
 def test_array_loader_shuffle_covers_each_row_once_and_reshuffles():
     n, k = 23, 2
     images = _indexed_images(n)
     y = (np.arange(n) % 5 == 0).astype(int)
-    a = data.ArrayLoader(images, y, k, batch_size=5, shuffle=True, seed=7)
-    b = data.ArrayLoader(images, y, k, batch_size=5, shuffle=True, seed=7)
-    c = data.ArrayLoader(images, y, k, batch_size=5, shuffle=True, seed=8)
+    a = arraystore.ArrayLoader(images, y, k, batch_size=5, shuffle=True, seed=7)
+    b = arraystore.ArrayLoader(images, y, k, batch_size=5, shuffle=True, seed=7)
+    c = arraystore.ArrayLoader(images, y, k, batch_size=5, shuffle=True, seed=8)
     epochs_a, epochs_b = [], []
     for _ in range(3):
         ea = _epoch_rows(a)
@@ -224,8 +224,8 @@ def test_balanced_sampling_equalises_classes():
     n = 100
     images = _indexed_images(n)
     y = np.array([0] * 90 + [1] * 10)
-    loader = data.ArrayLoader(images, y, 2, batch_size=16, shuffle=True, seed=0, sampling="balanced")
-    plain = data.ArrayLoader(images, y, 2, batch_size=16, shuffle=True, seed=0)
+    loader = arraystore.ArrayLoader(images, y, 2, batch_size=16, shuffle=True, seed=0, sampling="balanced")
+    plain = arraystore.ArrayLoader(images, y, 2, batch_size=16, shuffle=True, seed=0)
     for _ in range(3):
         labels = np.concatenate([loader[i][1].argmax(axis=1) for i in range(len(loader))])
         assert len(labels) == n  # epoch length unchanged
@@ -237,13 +237,13 @@ def test_balanced_sampling_equalises_classes():
 
 
 def test_class_weights():
-    w = data.class_weights(np.array([0, 0, 0, 1]), 3)
+    w = arraystore.class_weights(np.array([0, 0, 0, 1]), 3)
     assert w[0] == pytest.approx(4 / 9)
     assert w[1] == pytest.approx(4 / 3)
     assert w[2] == 0.0
-    balanced = data.class_weights(np.array([0, 1, 2, 0, 1, 2]), 3)
+    balanced = arraystore.class_weights(np.array([0, 1, 2, 0, 1, 2]), 3)
     assert all(v == pytest.approx(1.0) for v in balanced.values())
     # Weighted counts are equal across present classes.
     y = np.array([0] * 90 + [1] * 10)
-    w = data.class_weights(y, 2)
+    w = arraystore.class_weights(y, 2)
     assert 90 * w[0] == pytest.approx(10 * w[1])

@@ -378,7 +378,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if is_nifti_path(path):
         raise ImageReadError(
-            path, "is a NIfTI volume (many slices), not one image: use covidlib.io.read_volume"
+            path, "is a NIfTI volume (many slices), not one image: use covidlib.images.read_volume"
         )
     data = _read_bytes(path)
     fmt = sniff_format(data)
@@ -627,7 +627,7 @@ def _dicom_to_uint8(ds, path: Path, window) -> np.ndarray:
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1 or (arr.ndim == 3 and spp == 1) or arr.ndim == 4:
-        raise ImageReadError(path, f"multi-frame DICOM ({frames} frames): use covidlib.io.read_volume")
+        raise ImageReadError(path, f"multi-frame DICOM ({frames} frames): use covidlib.images.read_volume")
     if spp > 1 or arr.ndim == 3:
         import cv2
 

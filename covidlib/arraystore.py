@@ -86,7 +86,7 @@ def square_resize(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def _default_reader(path: str) -> np.ndarray:
-    from covidlib.io import read_image, to_uint8
+    from covidlib.images import read_image, to_uint8
 
     return to_uint8(read_image(path))
 
@@ -112,7 +112,7 @@ def build_store(
         img_size: square size of the stored images.
         cache_dir: folder holding stores; each lives in ``store_<size>px_<key>/``.
         workers: decoding threads (OpenCV releases the GIL); default: all cores.
-        reader: ``path -> 2-D uint8`` (default: :func:`covidlib.io.read_image` + ``to_uint8``).
+        reader: ``path -> 2-D uint8`` (default: :func:`covidlib.images.read_image` + ``to_uint8``).
         progress: show a progress bar.
 
     Returns:

@@ -1,4 +1,4 @@
-"""Tests for covidlib.io: every file is written by the test itself into tmp_path."""
+"""Tests for covidlib.images: every file is written by the test itself into tmp_path."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from covidlib import io as cio
+from covidlib import images as cimg
 
 try:
     from malformed import (MALFORMED_EXPECTATIONS, MALFORMED_REASONS, MALFORMED_VOLUMES, tree_snapshot,
@@ -34,21 +34,21 @@ def lung_window(hu):
 
 def test_png_8bit_roundtrip(tmp_path):
     img = gradient()
-    out = cio.read_image(write_image(tmp_path / "a.png", img))
+    out = cimg.read_image(write_image(tmp_path / "a.png", img))
     assert out.dtype == np.uint8 and out.ndim == 2
     np.testing.assert_array_equal(out, img)
 
 
 def test_png_16bit_keeps_uint16(tmp_path):
     img = (gradient(dtype=np.uint16).astype(np.uint32) * 37 % 65536).astype(np.uint16)
-    out = cio.read_image(write_image(tmp_path / "a16.png", img))
+    out = cimg.read_image(write_image(tmp_path / "a16.png", img))
     assert out.dtype == np.uint16
     np.testing.assert_array_equal(out, img)
 
 
 def test_tiff_16bit(tmp_path):
     img = (gradient(dtype=np.uint16).astype(np.uint32) * 1000 % 65536).astype(np.uint16)
-    out = cio.read_image(write_image(tmp_path / "a.tif", img))
+    out = cimg.read_image(write_image(tmp_path / "a.tif", img))
     assert out.dtype == np.uint16
     np.testing.assert_array_equal(out, img)
 
@@ -57,27 +57,27 @@ def test_rgb_and_rgba_become_gray(tmp_path):
     rng = np.random.default_rng(0)
     bgr = rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)
     expected = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-    out = cio.read_image(write_image(tmp_path / "rgb.png", bgr))
+    out = cimg.read_image(write_image(tmp_path / "rgb.png", bgr))
     assert out.shape == (30, 20) and out.dtype == np.uint8
     np.testing.assert_array_equal(out, expected)
     bgra = np.dstack([bgr, np.full((30, 20), 7, np.uint8)])  # alpha must not leak into gray
-    out = cio.read_image(write_image(tmp_path / "rgba.png", bgra))
+    out = cimg.read_image(write_image(tmp_path / "rgba.png", bgra))
     np.testing.assert_array_equal(out, expected)
 
 
 def test_jpeg_and_bmp(tmp_path):
     img = cv2.GaussianBlur(gradient(64, 64), (5, 5), 0)
-    out = cio.read_image(write_image(tmp_path / "a.jpg", np.dstack([img] * 3)))
+    out = cimg.read_image(write_image(tmp_path / "a.jpg", np.dstack([img] * 3)))
     assert out.shape == (64, 64) and out.dtype == np.uint8
     assert np.abs(out.astype(int) - img).mean() < 3
-    np.testing.assert_array_equal(cio.read_image(write_image(tmp_path / "a.bmp", img)), img)
+    np.testing.assert_array_equal(cimg.read_image(write_image(tmp_path / "a.bmp", img)), img)
 
 
 def test_non_ascii_and_space_path(tmp_path):
     img = gradient()
     p = write_image(tmp_path / "Bilder ü" / "Röntgen 图像 1.png", img)
-    np.testing.assert_array_equal(cio.read_image(p), img)
-    keys = [k for k, _ in cio.iter_images(tmp_path)]
+    np.testing.assert_array_equal(cimg.read_image(p), img)
+    keys = [k for k, _ in cimg.iter_images(tmp_path)]
     assert keys == ["Bilder ü/Röntgen 图像 1.png"]
 
 
@@ -85,25 +85,25 @@ def test_wrong_extension_reads_by_content(tmp_path):
     img = gradient()
     p = tmp_path / "really_a_png.bmp"
     p.write_bytes(cv2.imencode(".png", img)[1].tobytes())
-    np.testing.assert_array_equal(cio.read_image(p), img)
+    np.testing.assert_array_equal(cimg.read_image(p), img)
 
 
 def test_to_uint8():
     a = np.array([[1000, 2000], [3000, 5000]], np.uint16)
-    out = cio.to_uint8(a)
+    out = cimg.to_uint8(a)
     assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
     assert out[0, 1] == round(1000 / 4000 * 255)
     u = np.arange(6, dtype=np.uint8).reshape(2, 3)
-    assert cio.to_uint8(u) is u
-    np.testing.assert_array_equal(cio.to_uint8(np.full((2, 2), 9, np.uint16)), 0)
-    f = cio.to_uint8(np.array([0.0, np.nan, 1.0]))
+    assert cimg.to_uint8(u) is u
+    np.testing.assert_array_equal(cimg.to_uint8(np.full((2, 2), 9, np.uint16)), 0)
+    f = cimg.to_uint8(np.array([0.0, np.nan, 1.0]))
     assert f.tolist() == [0, 0, 255]
 
 
 def test_image_problem():
-    assert cio.image_problem(np.zeros((64, 64), np.uint8)).startswith("blank")
-    assert cio.image_problem(np.full((1, 1), 5, np.uint8)).startswith("image too small")
-    assert cio.image_problem(gradient()) is None
+    assert cimg.image_problem(np.zeros((64, 64), np.uint8)).startswith("blank")
+    assert cimg.image_problem(np.full((1, 1), 5, np.uint8)).startswith("image too small")
+    assert cimg.image_problem(gradient()) is None
 
 
 # --------------------------------------------------------------------------- DICOM
@@ -115,31 +115,31 @@ HU = np.array([[-2000, -1350, -1000, -600], [0, 40, 150, 1000]], dtype=float)
 def test_dicom_ct_hu_windowing(tmp_path):
     # slope 2 / intercept -2048: stored values differ from HU, so the rescale must be applied.
     p = write_ct_dicom(tmp_path / "ct.dcm", HU, slope=2.0, intercept=-2048.0)
-    out = cio.read_dicom(p)
+    out = cimg.read_dicom(p)
     assert out.dtype == np.uint8 and out.shape == HU.shape
     np.testing.assert_array_equal(out, lung_window(HU))
     assert out[0, 1] == 0 and out[1, 2] == 255 and out[0, 3] == 128  # -1350 / 150 / -600 (centre)
     # read_image delegates .dcm files to read_dicom with the lung window
-    np.testing.assert_array_equal(cio.read_image(p), out)
+    np.testing.assert_array_equal(cimg.read_image(p), out)
 
 
 def test_dicom_window_presets_and_tuple(tmp_path):
     p = write_ct_dicom(tmp_path / "ct.dcm", HU)
-    med = cio.read_dicom(p, window="mediastinum")  # 40 / 400 -> [-160, 240]
+    med = cimg.read_dicom(p, window="mediastinum")  # 40 / 400 -> [-160, 240]
     exp = np.clip(np.rint((HU + 160) / 400 * 255), 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(med, exp)
-    np.testing.assert_array_equal(cio.read_dicom(p, window=(40, 400)), exp)
-    np.testing.assert_array_equal(cio.read_dicom(p, window="bone"),
+    np.testing.assert_array_equal(cimg.read_dicom(p, window=(40, 400)), exp)
+    np.testing.assert_array_equal(cimg.read_dicom(p, window="bone"),
                                   np.clip(np.rint((HU + 500) / 1800 * 255), 0, 255).astype(np.uint8))
     with pytest.raises(ValueError, match="unknown window"):
-        cio.read_dicom(p, window="brain")
+        cimg.read_dicom(p, window="brain")
     with pytest.raises(ValueError, match="width"):
-        cio.read_dicom(p, window=(0, 0))
+        cimg.read_dicom(p, window=(0, 0))
 
 
 def test_dicom_monochrome1_inverted(tmp_path):
-    m2 = cio.read_dicom(write_ct_dicom(tmp_path / "m2.dcm", HU))
-    m1 = cio.read_dicom(write_ct_dicom(tmp_path / "m1.dcm", HU, photometric="MONOCHROME1"))
+    m2 = cimg.read_dicom(write_ct_dicom(tmp_path / "m2.dcm", HU))
+    m1 = cimg.read_dicom(write_ct_dicom(tmp_path / "m1.dcm", HU, photometric="MONOCHROME1"))
     np.testing.assert_array_equal(m1, 255 - m2)
 
 
@@ -147,10 +147,10 @@ def test_dicom_xray_minmax(tmp_path):
     stored = np.array([[100, 180], [260, 500]], float)
     # DX with no rescale: values are not HU -> min-max to 0..255
     p = write_ct_dicom(tmp_path / "dx.dcm", stored, intercept=0.0, modality="DX")
-    out = cio.read_dicom(p)
+    out = cimg.read_dicom(p)
     assert out.tolist() == [[0, 51], [102, 255]]
     p1 = write_ct_dicom(tmp_path / "dx1.dcm", stored, intercept=0.0, modality="DX", photometric="MONOCHROME1")
-    assert cio.read_dicom(p1).tolist() == [[255, 204], [153, 0]]
+    assert cimg.read_dicom(p1).tolist() == [[255, 204], [153, 0]]
 
 
 def test_dicom_series_sorted_by_position(tmp_path):
@@ -158,10 +158,10 @@ def test_dicom_series_sorted_by_position(tmp_path):
     # File names and instance numbers disagree with the anatomy on purpose.
     for name, z, inst, hu in (("10.dcm", 10.0, 1, 150.0), ("2.dcm", -5.0, 3, -1350.0), ("1.dcm", 2.5, 2, -600.0)):
         write_ct_dicom(tmp_path / "series" / name, np.full((4, 4), hu), z=z, instance=inst, series_uid=uid)
-    got = cio.read_dicom_series(tmp_path / "series")
+    got = cimg.read_dicom_series(tmp_path / "series")
     assert [k for k, _ in got] == ["2.dcm", "1.dcm", "10.dcm"]
     assert [int(s[0, 0]) for _, s in got] == [0, 128, 255]
-    keys = [k for k, _ in cio.iter_images(tmp_path)]
+    keys = [k for k, _ in cimg.iter_images(tmp_path)]
     assert keys == ["series/2.dcm", "series/1.dcm", "series/10.dcm"]
 
 
@@ -173,15 +173,15 @@ def test_dicom_series_instance_number_fallback(tmp_path):
         ds = dcmread(p)
         del ds.ImagePositionPatient
         ds.save_as(p)
-    assert [k for k, _ in cio.read_dicom_series(tmp_path / "s")] == ["b.dcm", "c.dcm", "a.dcm"]
+    assert [k for k, _ in cimg.read_dicom_series(tmp_path / "s")] == ["b.dcm", "c.dcm", "a.dcm"]
 
 
 def test_dicom_series_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
-        cio.read_dicom_series(tmp_path / "nope")
+        cimg.read_dicom_series(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no DICOM"):
-        cio.read_dicom_series(tmp_path / "empty")
+        cimg.read_dicom_series(tmp_path / "empty")
 
 
 # --------------------------------------------------------------------------- NIfTI
@@ -192,7 +192,7 @@ def test_nifti_volume_slices_orientation_windowing(tmp_path):
     vol = np.full((X, Y, Z), -1000.0)
     vol[X - 2, Y - 2, 1] = 150.0  # identity affine (RAS): high x = patient's right, high y = anterior
     vol[1, 1, 3] = -1350.0  # patient's left, posterior
-    slices = cio.read_volume(write_nifti(tmp_path / "v.nii.gz", vol))
+    slices = cimg.read_volume(write_nifti(tmp_path / "v.nii.gz", vol))
     assert len(slices) == Z
     s = slices[1]
     assert s.shape == (Y, X) and s.dtype == np.uint8
@@ -207,7 +207,7 @@ def test_nifti_reoriented_from_lps_and_flipped_z(tmp_path):
     vol = np.full((X, Y, Z), -1000.0)
     vol[0, 0, 0] = 150.0  # affine diag(-1,-1,-1): voxel (0,0,0) is right, anterior, superior-most
     aff = np.diag([-1.0, -1.0, -2.0, 1.0])
-    slices = cio.read_volume(write_nifti(tmp_path / "lps.nii", vol, aff))
+    slices = cimg.read_volume(write_nifti(tmp_path / "lps.nii", vol, aff))
     assert len(slices) == Z
     assert slices[-1][0, 0] == 255  # superior-most = last slice (feet -> head), right-anterior = top-left
     assert all(s.max() == lung_window(-1000) for s in slices[:-1])
@@ -217,16 +217,16 @@ def test_nifti_not_hu_warns_and_scales(tmp_path):
     vol = np.zeros((8, 8, 2))
     vol[2, 3, 0] = 200.0
     with pytest.warns(UserWarning, match="not in Hounsfield"):
-        slices = cio.read_volume(write_nifti(tmp_path / "u8.nii.gz", vol))
+        slices = cimg.read_volume(write_nifti(tmp_path / "u8.nii.gz", vol))
     assert max(s.max() for s in slices) == 255
 
 
 def test_nifti_via_read_image_points_to_read_volume(tmp_path):
     p = write_nifti(tmp_path / "v.nii.gz", np.zeros((4, 4, 3)))
-    with pytest.raises(cio.ImageReadError, match="read_volume"):
-        cio.read_image(p)
+    with pytest.raises(cimg.ImageReadError, match="read_volume"):
+        cimg.read_image(p)
     with pytest.warns(UserWarning):
-        keys = [k for k, _ in cio.iter_images(p)]
+        keys = [k for k, _ in cimg.iter_images(p)]
     assert keys == ["v.nii.gz#z0000", "v.nii.gz#z0001", "v.nii.gz#z0002"]
 
 
@@ -235,17 +235,17 @@ def test_nifti_via_read_image_points_to_read_volume(tmp_path):
 
 def test_missing_file_is_also_filenotfounderror(tmp_path):
     with pytest.raises(FileNotFoundError):
-        cio.read_image(tmp_path / "nope.png")
-    with pytest.raises(cio.ImageReadError) as ei:
-        cio.read_image(tmp_path / "nope.png")
+        cimg.read_image(tmp_path / "nope.png")
+    with pytest.raises(cimg.ImageReadError) as ei:
+        cimg.read_image(tmp_path / "nope.png")
     assert ei.value.reason == "file not found" and ei.value.path.name == "nope.png"
 
 
 def test_unsupported_extension(tmp_path):
     p = tmp_path / "scan.xyz"
     p.write_bytes(bytes(range(256)) * 4)
-    with pytest.raises(cio.ImageReadError, match="unsupported file type"):
-        cio.read_image(p)
+    with pytest.raises(cimg.ImageReadError, match="unsupported file type"):
+        cimg.read_image(p)
 
 
 def test_malformed_corpus(tmp_path):
@@ -256,27 +256,27 @@ def test_malformed_corpus(tmp_path):
     for p in paths:
         expected = MALFORMED_EXPECTATIONS[p.name]
         if expected == "error":
-            with pytest.raises(cio.ImageReadError) as ei:
-                cio.read_image(p)
+            with pytest.raises(cimg.ImageReadError) as ei:
+                cimg.read_image(p)
             assert isinstance(ei.value, ValueError)
             assert ei.value.reason and ei.value.path == p
             assert str(p) in str(ei.value)
         else:
-            img = cio.read_image(p)
+            img = cimg.read_image(p)
             assert img.ndim == 2
-            problem = cio.image_problem(img)
+            problem = cimg.image_problem(img)
             assert (problem is None) == (expected == "ok"), (p.name, problem)
     for name in ("corrupt.nii.gz", "empty.nii"):
-        with pytest.raises(cio.ImageReadError):
-            cio.read_volume(folder / name)
+        with pytest.raises(cimg.ImageReadError):
+            cimg.read_volume(folder / name)
     # iter_images over the corpus: warns for each bad file, never raises, yields only the readable
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        keys = [k for k, _ in cio.iter_images(folder)]
+        keys = [k for k, _ in cimg.iter_images(folder)]
     assert set(keys) == {"tiny_1x1.png", "tiny_1x4000.png", "all_black.png", "png_named.bmp"}
     assert len(caught) >= 10
-    with pytest.raises(cio.ImageReadError):
-        list(cio.iter_images(folder, errors="raise"))
+    with pytest.raises(cimg.ImageReadError):
+        list(cimg.iter_images(folder, errors="raise"))
     assert tree_snapshot(folder) == before
 
 
@@ -285,8 +285,8 @@ def test_specific_reasons(tmp_path):
     write_malformed_corpus(folder)
 
     def reason(name):
-        with pytest.raises(cio.ImageReadError) as ei:
-            cio.read_image(folder / name)
+        with pytest.raises(cimg.ImageReadError) as ei:
+            cimg.read_image(folder / name)
         return ei.value.reason
 
     assert reason("empty.png").startswith("empty file")
@@ -317,11 +317,11 @@ def test_every_format_is_capped_from_its_header_and_the_reason_names_it(tmp_path
             p = folder / name
             try:
                 if name in MALFORMED_VOLUMES:
-                    cio.read_volume(p)
+                    cimg.read_volume(p)
                     got = None
                 else:
-                    got = cio.image_problem(cio.read_image(p))
-            except cio.ImageReadError as e:
+                    got = cimg.image_problem(cimg.read_image(p))
+            except cimg.ImageReadError as e:
                 got = e.reason
                 assert str(p) in str(e)  # the message names the file
             assert got is not None and re.search(pattern, got), (name, got)
@@ -337,12 +337,12 @@ def test_header_size_parsers_read_bigtiff_and_late_ifds():
         from malformed import bigtiff_bomb, tiff_ifd_at_end
     except ImportError:
         from tests.malformed import bigtiff_bomb, tiff_ifd_at_end
-    assert cio._tiff_size(bigtiff_bomb(300, 200)) == (300, 200)
-    assert cio._tiff_size(tiff_ifd_at_end(300, 200, pad=70_000)) == (300, 200)
+    assert cimg._tiff_size(bigtiff_bomb(300, 200)) == (300, 200)
+    assert cimg._tiff_size(tiff_ifd_at_end(300, 200, pad=70_000)) == (300, 200)
     # real TIFFs (OpenCV writes the IFD after the pixels) still read
     img = gradient(40, 50)
     data = cv2.imencode(".tif", img)[1].tobytes()
-    assert cio._tiff_size(data) == (50, 40)
+    assert cimg._tiff_size(data) == (50, 40)
 
 
 def test_jpeg_gray_fill_check_leaves_real_jpegs_alone(tmp_path):
@@ -351,12 +351,12 @@ def test_jpeg_gray_fill_check_leaves_real_jpegs_alone(tmp_path):
         img = cv2.GaussianBlur(rng.integers(0, 256, (h, w), dtype=np.uint8), (5, 5), 0)
         p = tmp_path / f"ok{i}.jpg"
         p.write_bytes(cv2.imencode(".jpg", img)[1].tobytes())
-        assert cio.read_image(p).shape == (h, w)
+        assert cimg.read_image(p).shape == (h, w)
     dark = np.zeros((64, 64), np.uint8)  # black padding at the bottom is a scan, not a fill
     dark[:40] = rng.integers(0, 256, (40, 64))
     p = tmp_path / "padded.jpg"
     p.write_bytes(cv2.imencode(".jpg", dark)[1].tobytes())
-    assert cio.read_image(p).shape == (64, 64)
+    assert cimg.read_image(p).shape == (64, 64)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
@@ -364,8 +364,8 @@ def test_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
     # read_image opens the file itself: a pipe must be reported, not waited on for a writer
     p = tmp_path / "pipe.png"
     os.mkfifo(p)
-    with pytest.raises(cio.ImageReadError, match="not a regular file"):
-        cio.read_image(p)
+    with pytest.raises(cimg.ImageReadError, match="not a regular file"):
+        cimg.read_image(p)
 
 
 def test_colour_jpeg_decodes_to_the_same_gray_as_a_colour_decode(tmp_path):
@@ -375,7 +375,7 @@ def test_colour_jpeg_decodes_to_the_same_gray_as_a_colour_decode(tmp_path):
     p = tmp_path / "colour.jpg"
     p.write_bytes(cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
     expected = cv2.cvtColor(cv2.imdecode(np.fromfile(p, np.uint8), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGR2GRAY)
-    out = cio.read_image(p)
+    out = cimg.read_image(p)
     assert out.shape == (96, 80) and out.dtype == np.uint8
     assert np.abs(out.astype(int) - expected).max() <= 1
 
@@ -385,9 +385,9 @@ def test_read_without_readv_and_with_short_reads(tmp_path, monkeypatch):
     img = gradient()
     p = write_image(tmp_path / "a.png", img)
     real_read = os.read
-    monkeypatch.setattr(cio, "_HAVE_READV", False)
-    monkeypatch.setattr(cio.os, "read", lambda fd, n: real_read(fd, min(n, 7)))
-    np.testing.assert_array_equal(cio.read_image(p), img)
+    monkeypatch.setattr(cimg, "_HAVE_READV", False)
+    monkeypatch.setattr(cimg.os, "read", lambda fd, n: real_read(fd, min(n, 7)))
+    np.testing.assert_array_equal(cimg.read_image(p), img)
 
 
 @pytest.mark.skipif(not hasattr(__import__("socket"), "AF_UNIX"), reason="no Unix sockets")
@@ -398,7 +398,7 @@ def test_socket_named_like_an_image_is_not_a_regular_file(tmp_path):
     s = socket.socket(socket.AF_UNIX)
     try:
         s.bind(str(p))
-        with pytest.raises(cio.ImageReadError, match="not a regular file"):
-            cio.read_image(p)
+        with pytest.raises(cimg.ImageReadError, match="not a regular file"):
+            cimg.read_image(p)
     finally:
         s.close()
