@@ -33,9 +33,22 @@ from covidlib.models import build_model, check_unfreeze, set_backbone_trainable
 BEST_WEIGHTS = "best.weights.npz"
 
 
+def _notebook_default(name: str) -> Any:
+    """A field whose default is notebook 03's parameter ``name``: defaults live in one place."""
+    def factory() -> Any:
+        from covidlib.runner import default_parameters
+
+        return default_parameters("train")[name]
+
+    return field(default_factory=factory)
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (saved as ``config.json``).
+
+    A field that notebook 03 sets (``IMG_SIZE`` -> ``img_size``, ...) defaults to that notebook's
+    parameter value, so the library, the CLI and the notebook cannot disagree.
 
     Attributes:
         backbone: a name from :data:`covidlib.models.BACKBONES`.
@@ -70,26 +83,26 @@ class TrainConfig:
         name: run name (default: the backbone, or ``xray_<backbone>``).
     """
 
-    backbone: str = "MobileNetV2"
-    modality: str = "ct"
-    img_size: int = 224
-    epochs: int = 10
-    fine_tune_epochs: int = 0
-    batch_size: int = 32
-    weights: str | None = None
-    head: str = "gap"
+    backbone: str = _notebook_default("BACKBONE")
+    modality: str = _notebook_default("MODALITY")
+    img_size: int = _notebook_default("IMG_SIZE")
+    epochs: int = _notebook_default("EPOCHS")
+    fine_tune_epochs: int = _notebook_default("FINE_TUNE_EPOCHS")
+    batch_size: int = _notebook_default("BATCH_SIZE")
+    weights: str | None = _notebook_default("WEIGHTS")
+    head: str = _notebook_default("HEAD")
     dropout: float = 0.3
-    learning_rate: float = 1e-3
-    fine_tune_lr: float = 1e-5
-    unfreeze: str | int = "all"
-    imbalance: str = "class_weight"
+    learning_rate: float = _notebook_default("LEARNING_RATE")
+    fine_tune_lr: float = _notebook_default("FINE_TUNE_LR")
+    unfreeze: str | int = _notebook_default("UNFREEZE")
+    imbalance: str = _notebook_default("IMBALANCE")
     augment: bool = True
-    patience: int = 5
-    seed: int = 0
+    patience: int = _notebook_default("PATIENCE")
+    seed: int = _notebook_default("SEED")
     bn_momentum: float = 0.5
     mixed_precision: str = "auto"
     jit_compile: str = "auto"
-    distribute: str = "off"
+    distribute: str = _notebook_default("DISTRIBUTE")
     tensorboard: bool = True
     enhancement: dict = field(default_factory=lambda: {"name": "none"})
     name: str | None = None
@@ -641,14 +654,15 @@ def enhanced_manifest(manifest: pd.DataFrame, run_dir: str | os.PathLike, pipeli
 
 
 def train_backbone(run_dir: str | os.PathLike, *, manifest: pd.DataFrame | None = None,
-                   enhancement: str = "crop+wb+clahe", overwrite: bool = False,
+                   enhancement: str | None = None, overwrite: bool = False,
                    verbose: int | str = "auto", **config_kwargs: Any) -> TrainResult:
     """Enhance (cached) and train one backbone on ``RUN_DIR/manifest.csv``: notebook 03's step.
 
     Args:
         run_dir: the run folder holding ``manifest.csv`` (from notebook 01).
         manifest: use this manifest instead of reading ``run_dir/manifest.csv``.
-        enhancement: an enhancement pipeline name (see :data:`covidlib.enhance.PIPELINES`).
+        enhancement: an enhancement pipeline name (see :data:`covidlib.enhance.PIPELINES`);
+            default notebook 03's ``ENHANCEMENT``.
         overwrite: retrain even if a finished identical run exists.
         verbose: Keras ``fit`` verbosity.
         **config_kwargs: fields of :class:`TrainConfig` (``backbone``, ``modality``, ...).
@@ -661,6 +675,10 @@ def train_backbone(run_dir: str | os.PathLike, *, manifest: pd.DataFrame | None 
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: run notebook 01 (or `covidlib run`) first")
         manifest = read_manifest(path)
+    if enhancement is None:
+        from covidlib.runner import default_parameters
+
+        enhancement = default_parameters("train")["ENHANCEMENT"]
     cfg = TrainConfig(**config_kwargs)
     plan = distribute.plan(cfg.distribute)  # before anything runs on TensorFlow / JAX
     cfg.validate()

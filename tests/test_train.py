@@ -464,3 +464,18 @@ def test_train_and_models_use_only_public_keras_api():
         src = Path(mod.__file__).read_text()
         assert not re.findall(r"\._[a-z]\w*", src), mod.__name__
         assert "training_metadata" not in src and "keras.src" not in src, mod.__name__
+
+
+def test_train_config_defaults_are_notebook_03s():
+    """The library's defaults are the notebook's: one place, so the two cannot disagree."""
+    import dataclasses
+
+    from covidlib.runner import default_parameters
+
+    nb = default_parameters("train")
+    cfg = train.TrainConfig()
+    mirrored = {f.name for f in dataclasses.fields(train.TrainConfig)} & {k.lower() for k in nb}
+    assert {"backbone", "img_size", "epochs", "learning_rate", "weights", "seed"} <= mirrored
+    mirrored.discard("enhancement")  # the config records the pipeline applied, not its name
+    for name in mirrored:
+        assert getattr(cfg, name) == nb[name.upper()], name
