@@ -26,16 +26,10 @@ def quiet_tensorflow_import() -> None:
 
     if importlib.util.find_spec("tensorflow") is None:
         return
-    _sys.stderr.flush()
-    saved = _os.dup(2)
-    devnull = _os.open(_os.devnull, _os.O_WRONLY)
-    _os.dup2(devnull, 2)
-    try:
+    from covidlib.fsutil import stderr_to
+
+    with stderr_to(_os.devnull):
         import tensorflow  # noqa: F401
-    finally:
-        _os.dup2(saved, 2)
-        _os.close(saved)
-        _os.close(devnull)
 
 
 # A notebook kernel imports the framework anyway: do it quietly here, before any module does.

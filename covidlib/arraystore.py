@@ -96,6 +96,57 @@ def read_resized(path: str, size: int) -> np.ndarray:
     return square_resize(_default_reader(path), size)
 
 
+def _store_root(manifest: pd.DataFrame, img_size: int, cache_dir: str | os.PathLike) -> tuple[Path, str]:
+    """The folder a store of ``manifest`` at ``img_size`` lives in, and its content key."""
+    key_src = json.dumps({"v": STORE_VERSION, "size": int(img_size),
+                          "manifest": manifest_fingerprint(manifest)})
+    key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"store_{int(img_size)}px_{key}", key
+
+
+def _decode_all(paths: list[str], out: Path, img_size: int, read: Callable[[str], np.ndarray],
+                workers: int | None, progress: bool) -> tuple[np.ndarray, list[dict[str, str]]]:
+    """Decode ``paths`` into the ``.npy`` file ``out`` (one row each); return (ok mask, failures)."""
+    n = len(paths)
+    images = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(n, img_size, img_size))
+    ok = np.zeros(n, dtype=bool)
+    failed: list[dict[str, str]] = []
+
+    def work(i: int) -> tuple[int, str | None]:
+        try:
+            images[i] = square_resize(read(paths[i]), img_size)
+            return i, None
+        except Exception as exc:  # noqa: BLE001 - every failure is reported by build_store
+            return i, f"{type(exc).__name__}: {exc}"
+
+    it: Any
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        it = pool.map(work, range(n), chunksize=16)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, total=n, desc=f"decoding to {img_size}px", unit="img")
+        for i, err in it:
+            if err is None:
+                ok[i] = True
+            else:
+                failed.append({"path": paths[i], "reason": err})
+    images.flush()
+    return ok, failed
+
+
+def _keep_rows(npy: Path, ok: np.ndarray) -> None:
+    """Rewrite the ``.npy`` file ``npy`` with only the rows where ``ok`` is True."""
+    full = np.load(npy, mmap_mode="r")
+    tmp = npy.with_name(npy.stem + "_ok.npy")
+    compact = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                        shape=(int(ok.sum()), *full.shape[1:]))
+    compact[:] = full[np.flatnonzero(ok)]
+    compact.flush()
+    del compact, full  # close both memory maps before the file is replaced
+    os.replace(tmp, npy)
+
+
 def build_store(
     manifest: pd.DataFrame,
     img_size: int,
@@ -124,61 +175,25 @@ def build_store(
         raise ValueError(f"manifest lacks columns {sorted(missing_cols)}")
     if len(manifest) == 0:
         raise ValueError("manifest is empty: nothing to store")
-    key_src = json.dumps({"v": STORE_VERSION, "size": int(img_size),
-                          "manifest": manifest_fingerprint(manifest)})
-    key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
-    root = Path(cache_dir) / f"store_{int(img_size)}px_{key}"
+    root, key = _store_root(manifest, img_size, cache_dir)
     if (root / "store.json").is_file():
         return open_store(root)
 
-    read = reader or _default_reader
     paths = manifest["path"].astype(str).tolist()
-    n = len(paths)
     root.parent.mkdir(parents=True, exist_ok=True)
+    # Built in a temporary folder renamed at the end: a store folder is complete or absent.
     tmp = Path(tempfile.mkdtemp(prefix=".building_", dir=root.parent))
     try:
-        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
-                                           shape=(n, img_size, img_size))
-        ok = np.zeros(n, dtype=bool)
-        failed: list[dict[str, str]] = []
-
-        def work(i: int) -> tuple[int, str | None]:
-            try:
-                images[i] = square_resize(read(paths[i]), img_size)
-                return i, None
-            except Exception as exc:  # noqa: BLE001 - every failure is reported below
-                return i, f"{type(exc).__name__}: {exc}"
-
-        workers = workers or os.cpu_count() or 1
-        it: Any
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            it = pool.map(work, range(n), chunksize=16)
-            if progress:
-                from tqdm.auto import tqdm
-
-                it = tqdm(it, total=n, desc=f"decoding to {img_size}px", unit="img")
-            for i, err in it:
-                if err is None:
-                    ok[i] = True
-                else:
-                    failed.append({"path": paths[i], "reason": err})
-        images.flush()
-        del images
+        ok, failed = _decode_all(paths, tmp / "images.npy", img_size, reader or _default_reader,
+                                 workers, progress)
         if failed:
             warnings.warn(
-                f"{len(failed)} of {n} images could not be decoded and are left out of the store "
-                f"(first: {failed[0]['path']}: {failed[0]['reason']})",
+                f"{len(failed)} of {len(paths)} images could not be decoded and are left out of the "
+                f"store (first: {failed[0]['path']}: {failed[0]['reason']})",
                 UserWarning,
                 stacklevel=2,
             )
-            keep = np.flatnonzero(ok)
-            full = np.load(tmp / "images.npy", mmap_mode="r")
-            compact = np.lib.format.open_memmap(tmp / "images_ok.npy", mode="w+", dtype=np.uint8,
-                                                shape=(len(keep), img_size, img_size))
-            compact[:] = full[keep]
-            compact.flush()
-            del compact, full
-            os.replace(tmp / "images_ok.npy", tmp / "images.npy")
+            _keep_rows(tmp / "images.npy", ok)
         index = manifest.iloc[np.flatnonzero(ok)].reset_index(drop=True)
         index.to_csv(tmp / "index.csv", index=False)
         params = {"version": STORE_VERSION, "img_size": int(img_size), "n": int(ok.sum()),

@@ -1,8 +1,9 @@
 """The ``covidlib`` command (also ``python -m covidlib``).
 
 Sub-commands: ``run`` (the whole notebook pipeline through papermill), ``notebooks`` (copy them
-for JupyterLab), ``download``, ``audit``,
-``enhance``, ``train``, ``evaluate``, ``predict``, ``export``. Heavy libraries are imported only by the sub-command that
+for JupyterLab), ``download``, ``audit``, ``enhance``, ``train``, ``evaluate``, ``predict``,
+``export``. Each is a ``cmd_<name>`` function (what it does) and an ``_add_<name>`` function (its
+options), listed in :data:`SUBCOMMANDS`. Heavy libraries are imported only by the sub-command that
 needs them, so ``--help`` answers at once.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 
 def _yaml_loader():
@@ -64,6 +65,22 @@ def _params(args: argparse.Namespace) -> dict:
     return params
 
 
+def _allow_inside_input_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-inside-input", action="store_true",
+                   help="allow writing the output inside (or beside) the input; refused by default "
+                        "so that results never mix with the data")
+
+
+def _run_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", help="run folder (default: reports/runs/demo)")
+
+
+class _Subparsers(Protocol):
+    """What ``ArgumentParser.add_subparsers()`` returns, as far as the ``_add_*`` functions use it."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser: ...
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from covidlib import runner
 
@@ -74,6 +91,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         if (run_dir / name).is_file():
             print(f"  {run_dir / name}")
     return 0
+
+
+def _add_run(sub: _Subparsers) -> None:
+    p = sub.add_parser("run", help="run the numbered notebooks 01-04 with papermill",
+                       description="Execute notebooks 01..04 in order (03 once per CT backbone and "
+                                   "once for the X-ray model); executed copies go to RUN_DIR/notebooks.")
+    p.add_argument("--params", help="YAML file of notebook parameters (NAME: value)")
+    p.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="one parameter, e.g. -p DATASET /data/ct -p EPOCHS 5 (repeatable)")
+    p.add_argument("--notebooks", help="folder of the numbered notebooks (default: the copies "
+                                       "shipped with covidlib, or $COVIDLIB_NOTEBOOKS)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true",
+                   help="show everything the kernels print (TensorFlow logs included)")
+    # Ranges are checked by runner.run: 0 or -1 gets the one-line error, not a usage screen.
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="run up to N of the trainings (02, each 03) at once, each on its own GPU "
+                        "or CPU cores; 04 waits for all. Same results as a sequential run "
+                        "(default 1: one after the other)")
+    p.add_argument("--threads", type=int, metavar="T",
+                   help="TensorFlow threads per notebook (default: every core). Results depend on "
+                        "it, never on --parallel; on CPU, --parallel runs cores/T at once")
+    p.set_defaults(func=cmd_run)
 
 
 def cmd_notebooks(args: argparse.Namespace) -> int:
@@ -88,6 +128,15 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_notebooks(sub: _Subparsers) -> None:
+    p = sub.add_parser("notebooks", help="copy the numbered notebooks into a folder for JupyterLab",
+                       description="Copy notebooks 01-04 into DEST. An edited copy already there is "
+                                   "kept unless --force.")
+    p.add_argument("dest", help="target folder")
+    p.add_argument("--force", action="store_true", help="replace edited copies")
+    p.set_defaults(func=cmd_notebooks)
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     from covidlib import download
 
@@ -98,6 +147,14 @@ def cmd_download(args: argparse.Namespace) -> int:
         raise ValueError("name a data set (see covidlib download --list)")
     print(download.resolve(args.name, dest=args.dest))
     return 0
+
+
+def _add_download(sub: _Subparsers) -> None:
+    p = sub.add_parser("download", help="fetch a registered public data set (or list them)")
+    p.add_argument("name", nargs="?", help="registry name or Kaggle handle")
+    p.add_argument("--dest", help="target folder (default: $COVIDLIB_DATA/<name>)")
+    p.add_argument("--list", action="store_true", help="list the registry")
+    p.set_defaults(func=cmd_download)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -125,6 +182,18 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_audit(sub: _Subparsers) -> None:
+    p = sub.add_parser("audit", help="leakage and shortcut audit of a data set or manifest")
+    p.add_argument("source", help="data folder, label file, CSV, or a manifest with --manifest")
+    p.add_argument("--manifest", action="store_true", help="SOURCE is a covidlib manifest.csv")
+    p.add_argument("--modality", default="ct", choices=["ct", "xray"])
+    p.add_argument("--patient-pattern", help="regex extracting patient_id from file names")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the audit JSON here")
+    _allow_inside_input_arg(p)
+    p.set_defaults(func=cmd_audit)
+
+
 def cmd_enhance(args: argparse.Namespace) -> int:
     from covidlib import enhance_batch
 
@@ -143,6 +212,25 @@ def cmd_enhance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_enhance(sub: _Subparsers) -> None:
+    p = sub.add_parser("enhance", help="enhance a folder or manifest into a mirrored copy",
+                       description="Crop / white balance / CLAHE / DCT-denoise every image of SRC "
+                                   "into DST (same layout, PNG). Resumable; sources never change.")
+    p.add_argument("src", help="image folder or manifest CSV")
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--pipeline", default="crop+wb+clahe",
+                   help="none | crop | crop+wb | crop+clahe | crop+wb+clahe | crop+dct+wb+clahe | "
+                        "lungcrop | lungcrop+wb | lungcrop+wb+clahe (lungcrop: crop to the lung field)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--modality", default="ct", choices=["ct", "xray"])
+    p.add_argument("--overwrite", action="store_true", help="redo DST made with other parameters")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _allow_inside_input_arg(p)
+    p.set_defaults(func=cmd_enhance)
+
+
+# Help of an option whose default is read from a notebook's parameters cell.
+_NB_DEFAULT = "default: notebook {} parameters cell"
 # CLI option -> the notebook parameter that holds its default (defaults live in one place).
 TRAIN_OPTIONS = {"backbone": "BACKBONE", "modality": "MODALITY", "enhancement": "ENHANCEMENT",
                  "img_size": "IMG_SIZE", "epochs": "EPOCHS", "fine_tune_epochs": "FINE_TUNE_EPOCHS",
@@ -165,6 +253,19 @@ def _with_defaults(args: argparse.Namespace, step: str, options: dict[str, str])
             for opt, name in options.items()}
 
 
+def _weights(text: str | None) -> str | None:
+    return None if text is None or text.lower() in ("none", "null", "") else text
+
+
+def _unfreeze(text: str) -> str | int:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("--unfreeze must be all or a positive integer") from None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from covidlib import runner, train
 
@@ -174,6 +275,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train.train_backbone(run_dir, overwrite=args.overwrite, **kwargs)
     print(f"model: {result.model_dir}")
     return 0
+
+
+def _add_train(sub: _Subparsers) -> None:
+    p = sub.add_parser("train", help="train one backbone on RUN_DIR/manifest.csv",
+                       description="Enhance (cached) and train one backbone. Every option not given "
+                                   "takes the default of notebook 03's parameters cell.")
+    _run_dir_arg(p)
+    p.add_argument("--backbone", help=_NB_DEFAULT.format("03"))
+    p.add_argument("--modality", choices=["ct", "xray"])
+    p.add_argument("--enhancement", help="enhancement pipeline, e.g. crop+wb+clahe")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--epochs", type=int, help="epochs of phase 1 (the only phase from scratch)")
+    p.add_argument("--fine-tune-epochs", type=int, help="with pretrained weights: epochs after unfreezing")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--weights", help="imagenet, none (from scratch), or a backbone weights file")
+    p.add_argument("--head", choices=["gap", "gap_dense256"])
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--fine-tune-lr", type=float, help="learning rate after unfreezing")
+    p.add_argument("--unfreeze", type=_unfreeze, help="all, or how many top backbone layers to unfreeze")
+    p.add_argument("--patience", type=int, help="early-stopping patience of phase 1 (epochs); phase 2 always runs "
+                                             "--fine-tune-epochs")
+    p.add_argument("--imbalance", choices=["class_weight", "balanced_sampling", "none"])
+    p.add_argument("--distribute", choices=["auto", "off", "mirrored", "multiworker", "jax_dataparallel"],
+                   help="data-parallel training: auto (all local GPUs when more than one), off, mirrored "
+                        "(TensorFlow, one machine), multiworker (TensorFlow, TF_CONFIG), jax_dataparallel "
+                        "(JAX, KERAS_DISTRIBUTION_* for several processes); --batch-size is per device")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_train)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -186,6 +316,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ens = result.evaluation["ensemble"]
     print(f"{ens['method']} vote: accuracy {ens['accuracy']:.3f}, macro AUC {ens['auc_macro']}")
     return 0
+
+
+def _add_evaluate(sub: _Subparsers) -> None:
+    p = sub.add_parser("evaluate", help="metrics, vote and two-phase cascade of a run",
+                       description="Every option not given takes the default of notebook 04's "
+                                   "parameters cell.")
+    _run_dir_arg(p)
+    p.add_argument("--backbones", nargs="+", help=_NB_DEFAULT.format("04") + " (BACKBONES)")
+    p.add_argument("--xray-backbone", help="phase-1 model, run xray_<NAME> (XRAY_BACKBONE)")
+    p.add_argument("--vote", choices=["hard", "soft", "weighted"])
+    p.add_argument("--cohort", help="CSV pairing X-ray and CT by patient_id")
+    p.add_argument("--phase1-threshold", type=float)
+    p.add_argument("--uncertainty-band", type=float)
+    p.add_argument("--clinical-flag-rate", type=float, help="simulated cohort only")
+    p.add_argument("--n-boot", type=int)
+    p.add_argument("--gradcam-images", type=int)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -209,6 +357,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"{n_err} input(s) could not be read or were refused (too small, blank, an unreadable "
               f"folder); see the error column of {out}", file=sys.stderr)
     return 0
+
+
+def _add_predict(sub: _Subparsers) -> None:
+    p = sub.add_parser("predict", help="predict images with a run's CT models and their vote",
+                       description="Predict files or folders (PNG/JPG/BMP/TIFF, DICOM, NIfTI: one row "
+                                   "per axial slice) with every CT member of RUN_DIR and their vote. "
+                                   "Unreadable files get a row with the error column filled.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (recursive)")
+    _run_dir_arg(p)
+    p.add_argument("--model-dir", action="append",
+                   help="a model folder (RUN_DIR/models/NAME) to use instead of the run's members "
+                        "(repeatable)")
+    p.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
+    p.add_argument("--gradcam", metavar="DIR", help="write Grad-CAM overlays (per model and vote) here")
+    p.add_argument("--vote", choices=["hard", "soft", "weighted"],
+                   help="vote rule (default: the run's ensemble method, else hard)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--window", default="lung", help="CT window for DICOM/NIfTI: lung, mediastinum, bone")
+    p.add_argument("--already-enhanced", action="store_true",
+                   help="inputs already went through the run's enhancement; do not apply it again")
+    p.add_argument("--tta", type=int, default=0, metavar="N",
+                   help="test-time augmentation: average each model over the first N of 10 fixed views "
+                        "(identity, flip, small shifts, flip + shifts) and add a <NAME>:tta_sd spread "
+                        "column; 0 = off (default)")
+    _allow_inside_input_arg(p)
+    p.set_defaults(func=cmd_predict)
 
 
 def _write_predictions_or_rescue(predict, df, out: Path, inside: bool) -> Path:
@@ -255,167 +429,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _weights(text: str | None) -> str | None:
-    return None if text is None or text.lower() in ("none", "null", "") else text
-
-
-def _unfreeze(text: str) -> str | int:
-    if text == "all":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("--unfreeze must be all or a positive integer") from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from covidlib import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="covidlib",
-        description="COVID-19 / CAP / normal in chest CT with a chest X-ray first phase "
-                    "(research use only, not for clinical decisions).")
-    parser.add_argument("--version", action="version", version=f"covidlib {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("run", help="run the numbered notebooks 01-04 with papermill",
-                       description="Execute notebooks 01..04 in order (03 once per CT backbone and "
-                                   "once for the X-ray model); executed copies go to RUN_DIR/notebooks.")
-    p.add_argument("--params", help="YAML file of notebook parameters (NAME: value)")
-    p.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"),
-                   help="one parameter, e.g. -p DATASET /data/ct -p EPOCHS 5 (repeatable)")
-    p.add_argument("--notebooks", help="folder of the numbered notebooks (default: the copies "
-                                       "shipped with covidlib, or $COVIDLIB_NOTEBOOKS)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--verbose", action="store_true",
-                   help="show everything the kernels print (TensorFlow logs included)")
-    # Ranges are checked by runner.run: 0 or -1 gets the one-line error, not a usage screen.
-    p.add_argument("--parallel", type=int, default=1, metavar="N",
-                   help="run up to N of the trainings (02, each 03) at once, each on its own GPU "
-                        "or CPU cores; 04 waits for all. Same results as a sequential run "
-                        "(default 1: one after the other)")
-    p.add_argument("--threads", type=int, metavar="T",
-                   help="TensorFlow threads per notebook (default: every core). Results depend on "
-                        "it, never on --parallel; on CPU, --parallel runs cores/T at once")
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("notebooks", help="copy the numbered notebooks into a folder for JupyterLab",
-                       description="Copy notebooks 01-04 into DEST. An edited copy already there is "
-                                   "kept unless --force.")
-    p.add_argument("dest", help="target folder")
-    p.add_argument("--force", action="store_true", help="replace edited copies")
-    p.set_defaults(func=cmd_notebooks)
-
-    p = sub.add_parser("download", help="fetch a registered public data set (or list them)")
-    p.add_argument("name", nargs="?", help="registry name or Kaggle handle")
-    p.add_argument("--dest", help="target folder (default: $COVIDLIB_DATA/<name>)")
-    p.add_argument("--list", action="store_true", help="list the registry")
-    p.set_defaults(func=cmd_download)
-
-    p = sub.add_parser("audit", help="leakage and shortcut audit of a data set or manifest")
-    p.add_argument("source", help="data folder, label file, CSV, or a manifest with --manifest")
-    p.add_argument("--manifest", action="store_true", help="SOURCE is a covidlib manifest.csv")
-    p.add_argument("--modality", default="ct", choices=["ct", "xray"])
-    p.add_argument("--patient-pattern", help="regex extracting patient_id from file names")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="write the audit JSON here")
-    p.add_argument("--allow-inside-input", action="store_true",
-                   help="allow writing the output inside (or beside) the input; refused by default "
-                        "so that results never mix with the data")
-    p.set_defaults(func=cmd_audit)
-
-    p = sub.add_parser("enhance", help="enhance a folder or manifest into a mirrored copy",
-                       description="Crop / white balance / CLAHE / DCT-denoise every image of SRC "
-                                   "into DST (same layout, PNG). Resumable; sources never change.")
-    p.add_argument("src", help="image folder or manifest CSV")
-    p.add_argument("dst", help="output folder")
-    p.add_argument("--pipeline", default="crop+wb+clahe",
-                   help="none | crop | crop+wb | crop+clahe | crop+wb+clahe | crop+dct+wb+clahe | "
-                        "lungcrop | lungcrop+wb | lungcrop+wb+clahe (lungcrop: crop to the lung field)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument("--modality", default="ct", choices=["ct", "xray"])
-    p.add_argument("--overwrite", action="store_true", help="redo DST made with other parameters")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--allow-inside-input", action="store_true",
-                   help="allow writing the output inside (or beside) the input; refused by default "
-                        "so that results never mix with the data")
-    p.set_defaults(func=cmd_enhance)
-
-    nb = "default: notebook {} parameters cell"
-    p = sub.add_parser("train", help="train one backbone on RUN_DIR/manifest.csv",
-                       description="Enhance (cached) and train one backbone. Every option not given "
-                                   "takes the default of notebook 03's parameters cell.")
-    p.add_argument("--run-dir", help="run folder (default: reports/runs/demo)")
-    p.add_argument("--backbone", help=nb.format("03"))
-    p.add_argument("--modality", choices=["ct", "xray"])
-    p.add_argument("--enhancement", help="enhancement pipeline, e.g. crop+wb+clahe")
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--epochs", type=int, help="epochs of phase 1 (the only phase from scratch)")
-    p.add_argument("--fine-tune-epochs", type=int, help="with pretrained weights: epochs after unfreezing")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--weights", help="imagenet, none (from scratch), or a backbone weights file")
-    p.add_argument("--head", choices=["gap", "gap_dense256"])
-    p.add_argument("--learning-rate", type=float)
-    p.add_argument("--fine-tune-lr", type=float, help="learning rate after unfreezing")
-    p.add_argument("--unfreeze", type=_unfreeze, help="all, or how many top backbone layers to unfreeze")
-    p.add_argument("--patience", type=int, help="early-stopping patience of phase 1 (epochs); phase 2 always runs "
-                                             "--fine-tune-epochs")
-    p.add_argument("--imbalance", choices=["class_weight", "balanced_sampling", "none"])
-    p.add_argument("--distribute", choices=["auto", "off", "mirrored", "multiworker", "jax_dataparallel"],
-                   help="data-parallel training: auto (all local GPUs when more than one), off, mirrored "
-                        "(TensorFlow, one machine), multiworker (TensorFlow, TF_CONFIG), jax_dataparallel "
-                        "(JAX, KERAS_DISTRIBUTION_* for several processes); --batch-size is per device")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("evaluate", help="metrics, vote and two-phase cascade of a run",
-                       description="Every option not given takes the default of notebook 04's "
-                                   "parameters cell.")
-    p.add_argument("--run-dir", help="run folder (default: reports/runs/demo)")
-    p.add_argument("--backbones", nargs="+", help=nb.format("04") + " (BACKBONES)")
-    p.add_argument("--xray-backbone", help="phase-1 model, run xray_<NAME> (XRAY_BACKBONE)")
-    p.add_argument("--vote", choices=["hard", "soft", "weighted"])
-    p.add_argument("--cohort", help="CSV pairing X-ray and CT by patient_id")
-    p.add_argument("--phase1-threshold", type=float)
-    p.add_argument("--uncertainty-band", type=float)
-    p.add_argument("--clinical-flag-rate", type=float, help="simulated cohort only")
-    p.add_argument("--n-boot", type=int)
-    p.add_argument("--gradcam-images", type=int)
-    p.add_argument("--seed", type=int)
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("predict", help="predict images with a run's CT models and their vote",
-                       description="Predict files or folders (PNG/JPG/BMP/TIFF, DICOM, NIfTI: one row "
-                                   "per axial slice) with every CT member of RUN_DIR and their vote. "
-                                   "Unreadable files get a row with the error column filled.")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (recursive)")
-    p.add_argument("--run-dir", help="run folder (default: reports/runs/demo)")
-    p.add_argument("--model-dir", action="append",
-                   help="a model folder (RUN_DIR/models/NAME) to use instead of the run's members "
-                        "(repeatable)")
-    p.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
-    p.add_argument("--gradcam", metavar="DIR", help="write Grad-CAM overlays (per model and vote) here")
-    p.add_argument("--vote", choices=["hard", "soft", "weighted"],
-                   help="vote rule (default: the run's ensemble method, else hard)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--window", default="lung", help="CT window for DICOM/NIfTI: lung, mediastinum, bone")
-    p.add_argument("--already-enhanced", action="store_true",
-                   help="inputs already went through the run's enhancement; do not apply it again")
-    p.add_argument("--tta", type=int, default=0, metavar="N",
-                   help="test-time augmentation: average each model over the first N of 10 fixed views "
-                        "(identity, flip, small shifts, flip + shifts) and add a <NAME>:tta_sd spread "
-                        "column; 0 = off (default)")
-    p.add_argument("--allow-inside-input", action="store_true",
-                   help="allow writing the output inside (or beside) the input; refused by default "
-                        "so that results never mix with the data")
-    p.set_defaults(func=cmd_predict)
-
+def _add_export(sub: _Subparsers) -> None:
     p = sub.add_parser("export", help="export a trained model or the ensemble (SavedModel/TFLite/ONNX)",
                        description="Export RUN_DIR/models/NAME (or the saved ensemble) as a TensorFlow "
                                    "SavedModel, a float32 TFLite file and ONNX, then check each export "
                                    "against the Keras model. Inputs: raw grayscale 0..255, (n, S, S, 1).")
-    p.add_argument("--run-dir", help="run folder (default: reports/runs/demo)")
+    _run_dir_arg(p)
     p.add_argument("--model", default="ensemble", metavar="NAME|ensemble",
                    help="model folder under RUN_DIR/models (default: ensemble)")
     p.add_argument("--model-file", help="a .keras file or model folder instead of --run-dir/--model")
@@ -425,10 +444,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-4, help="largest accepted difference (default 1e-4)")
     p.add_argument("--verify-n", type=int, default=4, help="test images for the check (default 4)")
     p.add_argument("--no-verify", action="store_true", help="skip the check against the Keras model")
-    p.add_argument("--allow-inside-input", action="store_true",
-                   help="allow writing the output inside (or beside) the input; refused by default "
-                        "so that results never mix with the data")
+    _allow_inside_input_arg(p)
     p.set_defaults(func=cmd_export)
+
+
+# The sub-commands in the order --help lists them. A new one is a cmd_<name> function, an
+# _add_<name> function that adds its parser, and one entry here.
+SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
+    _add_run, _add_notebooks, _add_download, _add_audit, _add_enhance, _add_train, _add_evaluate,
+    _add_predict, _add_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``covidlib`` parser: one sub-parser per entry of :data:`SUBCOMMANDS`."""
+    from covidlib import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="covidlib",
+        description="COVID-19 / CAP / normal in chest CT with a chest X-ray first phase "
+                    "(research use only, not for clinical decisions).")
+    parser.add_argument("--version", action="version", version=f"covidlib {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 

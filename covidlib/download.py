@@ -57,7 +57,6 @@ __all__ = [
     "safe_extract",
 ]
 
-# Where Kaggle notebooks mount attached data sets (a module attribute so tests can move it).
 # Where a Kaggle kernel mounts attached data sets (COVIDLIB_KAGGLE_INPUT: elsewhere, e.g. in tests).
 KAGGLE_INPUT_ROOT = Path(os.environ.get("COVIDLIB_KAGGLE_INPUT", "/kaggle/input"))
 # A cheap reachability probe before handing over to kagglehub, so "offline" fails in seconds.
@@ -484,18 +483,53 @@ def _receive(resp, part: Path, offset: int, shown: str, pace: _Pace,
     return total
 
 
-def _transfer(req: urllib.request.Request, part: Path, offset: int, shown: str, pace: _Pace,
-              deadline: _Deadline, progress) -> int | None:
-    """One HTTP request into ``part``; returns the total size when the server said it."""
+def _transfer(url: str, part: Path, offset: int, shown: str, pace: _Pace, deadline: float | None,
+              progress) -> tuple[int | None, bool]:
+    """One HTTP request for the bytes of ``url`` after ``offset``, written into ``part``.
+
+    Returns:
+        ``(total size or None when the server did not say, whether the deadline cut it off)``.
+    """
+    headers = {"User-Agent": "covidlib-download/1", "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    req = urllib.request.Request(str(url), headers=headers)
+    clock = _Deadline(deadline)
     try:
-        resp = _opener(deadline).open(req, timeout=pace.timeout)
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        if exc.code == 416 and offset:
-            return None  # Range not satisfiable: the part file already holds everything (or is bogus)
-        raise DownloadError(f"download of {shown} failed: HTTP {exc.code} {exc.reason}") from None
-    with resp:
-        return _receive(resp, part, offset, shown, pace, progress)
+        try:
+            resp = _opener(clock).open(req, timeout=pace.timeout)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if exc.code == 416 and offset:
+                # Range not satisfiable: the part file already holds everything (or is bogus).
+                return None, clock.stop()
+            raise DownloadError(f"download of {shown} failed: HTTP {exc.code} {exc.reason}") from None
+        with resp:
+            return _receive(resp, part, offset, shown, pace, progress), clock.stop()
+    except (http.client.HTTPException, urllib.error.URLError, OSError) as exc:
+        # A read woken by the deadline's shutdown fails in many ways; name the deadline.
+        raise (_deadline_error(shown, part, deadline) if clock.stop()
+               else _network_error(exc, shown, part, pace.timeout)) from None
+    finally:
+        clock.stop()
+
+
+def _check_part(part: Path, total: int | None, fired: bool, want: str | None, shown: str,
+                deadline: float | None) -> None:
+    """A finished transfer's part file must be complete and (when known) match its checksum."""
+    size = part.stat().st_size if part.exists() else 0
+    if fired and (total is None or size != total):
+        raise _deadline_error(shown, part, deadline)  # the shutdown reads as an early end
+    if total is not None and size != total:
+        raise DownloadError(f"{shown}: got {size} of {total} bytes; run again to resume")
+    if want:
+        got = _sha256(part)
+        if got != want:
+            part.unlink()
+            raise DownloadError(
+                f"checksum mismatch for {shown}: expected SHA-256 {want}, got {got}. The file was "
+                "discarded (corrupt, or the source changed); run again, or report it."
+            )
 
 
 def _deadline_error(shown: str, part: Path, seconds: float) -> DownloadError:
@@ -575,40 +609,12 @@ def download_https(
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    offset = part.stat().st_size if (resume and part.exists()) else 0
     if not resume and part.exists():
         part.unlink()
-
-    headers = {"User-Agent": "covidlib-download/1", "Accept-Encoding": "identity"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    req = urllib.request.Request(str(url), headers=headers)
-    clock = _Deadline(deadline)
+    offset = part.stat().st_size if part.exists() else 0
     pace = _Pace(timeout, min_rate, rate_grace, time.monotonic())
-    try:
-        total = _transfer(req, part, offset, shown, pace, clock, progress)
-    except DownloadError:
-        raise
-    except (http.client.HTTPException, urllib.error.URLError, OSError) as exc:
-        # A read woken by the deadline's shutdown fails in many ways; name the deadline.
-        raise (_deadline_error(shown, part, deadline) if clock.stop()
-               else _network_error(exc, shown, part, timeout)) from None
-    finally:
-        fired = clock.stop()
-
-    size = part.stat().st_size if part.exists() else 0
-    if fired and (total is None or size != total):
-        raise _deadline_error(shown, part, deadline)  # the shutdown reads as an early end
-    if total is not None and size != total:
-        raise DownloadError(f"{shown}: got {size} of {total} bytes; run again to resume")
-    if want:
-        got = _sha256(part)
-        if got != want:
-            part.unlink()
-            raise DownloadError(
-                f"checksum mismatch for {shown}: expected SHA-256 {want}, got {got}. The file was "
-                "discarded (corrupt, or the source changed); run again, or report it."
-            )
+    total, fired = _transfer(url, part, offset, shown, pace, deadline, progress)
+    _check_part(part, total, fired, want, shown, deadline)
     os.replace(part, dest)
     return dest
 
@@ -983,6 +989,20 @@ def _nonempty_dir(p: Path) -> bool:
     return p.is_dir() and any(p.iterdir())
 
 
+def _dataset_info(text: str) -> DatasetInfo:
+    """The registry entry for ``text``, or a bare entry for ``kaggle:<owner>/<slug>`` outside it."""
+    if not text.lower().startswith("kaggle:") or text.lower().rstrip("/") in _lookup_table():
+        return get_info(text)
+    handle = text[len("kaggle:"):].strip().strip("/")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", handle):
+        raise UnknownDatasetError(f"{text!r} is not a Kaggle handle of the form kaggle:<owner>/<slug>")
+    return DatasetInfo(
+        name=handle.split("/")[1], title=handle, kind="kaggle", handle=handle, licence=None,
+        classes=(), label_map={}, modality="ct", expected_counts=None, expected_total=None,
+        citation="", notes="not in the registry", page=f"https://www.kaggle.com/datasets/{handle}",
+    )
+
+
 def resolve(
     name_or_path: str | os.PathLike,
     dest: str | os.PathLike | None = None,
@@ -1011,20 +1031,7 @@ def resolve(
     local = Path(raw).expanduser()
     if local.exists():
         return local
-    text = str(raw).strip()
-    if text.lower().startswith("kaggle:") and text.lower().rstrip("/") not in _lookup_table():
-        handle = text[len("kaggle:"):].strip().strip("/")
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", handle):
-            raise UnknownDatasetError(f"{text!r} is not a Kaggle handle of the form kaggle:<owner>/<slug>")
-        slug = handle.split("/")[1]
-        info = DatasetInfo(
-            name=slug, title=handle, kind="kaggle", handle=handle, licence=None, classes=(),
-            label_map={}, modality="ct", expected_counts=None, expected_total=None, citation="",
-            notes="not in the registry", page=f"https://www.kaggle.com/datasets/{handle}",
-        )
-    else:
-        info = get_info(text)
-
+    info = _dataset_info(str(raw).strip())
     attached = _kaggle_input_copy(info)
     if attached is not None:
         return attached

@@ -230,6 +230,73 @@ def _finish(cam: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- public API
+_NOT_CHAIN = ("grad_cam: running the layers one after another does not reproduce the model's "
+              "output; the model is not a linear layer chain")
+
+
+def _analytic_dense(head: list, method: str, layer_name: str) -> Any | None:
+    """The Dense layer whose weights give the channel weights, or None for the gradient path."""
+    if not head:
+        raise ValueError(f"grad_cam: layer {layer_name!r} is the model's last layer; nothing to explain")
+    dense = _analytic_head(head)
+    if method == "analytic" and dense is None:
+        raise ValueError(
+            "grad_cam: analytic weights need a GAP -> Dropout -> Dense(softmax|linear) head; "
+            f"this head is {[type(h).__name__ for h in head]} (use method='gradient')"
+        )
+    return None if method == "gradient" else dense
+
+
+def _features(model: Any, before: list, target: Any, head: list, xb: Any, layer_name: str,
+              check: bool) -> Any:
+    """The target layer's 4-D feature map for the batch ``xb``.
+
+    With ``check`` (the first batch), the layer-by-layer run must reproduce the model's output,
+    else the heatmap would be silently wrong.
+    """
+    from keras import ops
+
+    try:
+        feats = _run_layers(before + [target], xb)
+    except Exception as exc:
+        if not check:
+            raise
+        raise ValueError(f"{_NOT_CHAIN} ({type(exc).__name__}: {exc})") from exc
+    if len(feats.shape) != 4:
+        raise ValueError(
+            f"grad_cam: layer {layer_name!r} outputs shape {tuple(feats.shape)}; a 4-D feature map is needed"
+        )
+    if check:
+        try:
+            mine = np.asarray(ops.convert_to_numpy(_run_layers(head, feats)), dtype=np.float64)
+        except Exception as exc:  # a branching graph fails in many layer-specific ways
+            raise ValueError(f"{_NOT_CHAIN} ({type(exc).__name__}: {exc})") from exc
+        ref = np.asarray(ops.convert_to_numpy(model(xb, training=False)), dtype=np.float64)
+        if ref.shape != mine.shape or not np.allclose(ref, mine, atol=1e-3, rtol=1e-3):
+            raise ValueError(_NOT_CHAIN)
+    return feats
+
+
+def _batch_cam(head: list, dense: Any | None, feats: Any, cls: np.ndarray | None) -> np.ndarray:
+    """Grad-CAM maps ``(b, h, w)`` of one batch of features, before ReLU and resizing.
+
+    ``cls``: the batch's class per image; None takes each image's predicted class.
+    """
+    from keras import ops
+
+    feats_np = np.asarray(ops.convert_to_numpy(feats), dtype=np.float64)
+    logits = np.asarray(ops.convert_to_numpy(_head_logits(head, feats)), dtype=np.float64)
+    cb = np.argmax(logits, axis=1) if cls is None else cls
+    if dense is not None:
+        kernel = np.asarray(ops.convert_to_numpy(dense.kernel), dtype=np.float64)  # (C, k)
+        weights = kernel[:, cb].T / (feats_np.shape[1] * feats_np.shape[2])  # (b, C)
+    else:
+        onehot = np.zeros(logits.shape, dtype=np.float32)
+        onehot[np.arange(len(cb)), cb] = 1.0
+        weights = _logit_grads(head, feats, onehot).mean(axis=(1, 2))  # (b, C)
+    return np.einsum("bhwc,bc->bhw", feats_np, weights)
+
+
 def grad_cam(
     model: Any,
     images: Any,
@@ -264,65 +331,22 @@ def grad_cam(
     from keras import ops
 
     before, target, head = _layer_chain(model, layer_name)
-    if not head:
-        raise ValueError(f"grad_cam: layer {layer_name!r} is the model's last layer; nothing to explain")
-    dense = _analytic_head(head)
-    if method == "analytic" and dense is None:
-        raise ValueError(
-            "grad_cam: analytic weights need a GAP -> Dropout -> Dense(softmax|linear) head; "
-            f"this head is {[type(h).__name__ for h in head]} (use method='gradient')"
-        )
-    use_analytic = dense is not None and method != "gradient"
+    dense = _analytic_dense(head, method, layer_name)
     batch_size = max(1, int(batch_size))
 
-    in_shape = model.inputs[0].shape
     mh, mw = _model_hw(model)
-    x_all = _as_batch(images, in_shape[-1])
+    x_all = _as_batch(images, model.inputs[0].shape[-1])
     n, out_hw = len(x_all), x_all.shape[1:3]
-    k = model.outputs[0].shape[-1]
-    cls = _class_indices(class_index, n, k)
+    cls = _class_indices(class_index, n, model.outputs[0].shape[-1])
     if mh is not None and mw is not None:
         x_all = _resize_batch(x_all, (mh, mw))
 
-    not_chain = (
-        "grad_cam: running the layers one after another does not reproduce the model's "
-        "output; the model is not a linear layer chain"
-    )
     cams = []
     for start in range(0, n, batch_size):
-        xb = ops.convert_to_tensor(x_all[start : start + batch_size])
-        first = start == 0
-        try:
-            feats = _run_layers(before + [target], xb)
-        except Exception as exc:
-            if not first:
-                raise
-            raise ValueError(f"{not_chain} ({type(exc).__name__}: {exc})") from exc
-        if len(feats.shape) != 4:
-            raise ValueError(
-                f"grad_cam: layer {layer_name!r} outputs shape {tuple(feats.shape)}; a 4-D feature map is needed"
-            )
-        if first:
-            # The layer-by-layer run must reproduce the model, else the heatmap would be silently wrong.
-            try:
-                mine = np.asarray(ops.convert_to_numpy(_run_layers(head, feats)), dtype=np.float64)
-            except Exception as exc:  # a branching graph fails in many layer-specific ways
-                raise ValueError(f"{not_chain} ({type(exc).__name__}: {exc})") from exc
-            ref = np.asarray(ops.convert_to_numpy(model(xb, training=False)), dtype=np.float64)
-            if ref.shape != mine.shape or not np.allclose(ref, mine, atol=1e-3, rtol=1e-3):
-                raise ValueError(not_chain)
-        feats_np = np.asarray(ops.convert_to_numpy(feats), dtype=np.float64)
-        logits = np.asarray(ops.convert_to_numpy(_head_logits(head, feats)), dtype=np.float64)
-        cb = np.argmax(logits, axis=1) if cls is None else cls[start : start + len(feats_np)]
-        if use_analytic:
-            kernel = np.asarray(ops.convert_to_numpy(dense.kernel), dtype=np.float64)  # (C, k)
-            weights = kernel[:, cb].T / (feats_np.shape[1] * feats_np.shape[2])  # (b, C)
-        else:
-            onehot = np.zeros(logits.shape, dtype=np.float32)
-            onehot[np.arange(len(cb)), cb] = 1.0
-            grads = _logit_grads(head, feats, onehot)
-            weights = grads.mean(axis=(1, 2))  # (b, C)
-        cams.append(np.einsum("bhwc,bc->bhw", feats_np, weights))
+        batch = slice(start, start + batch_size)
+        feats = _features(model, before, target, head, ops.convert_to_tensor(x_all[batch]),
+                          layer_name, check=start == 0)
+        cams.append(_batch_cam(head, dense, feats, None if cls is None else cls[batch]))
     return _finish(np.concatenate(cams), out_hw)
 
 

@@ -30,12 +30,13 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from covidlib.fsutil import atomic_path, atomic_write_bytes, atomic_write_text
 
 FORMATS: tuple[str, ...] = ("savedmodel", "tflite", "onnx")
 
@@ -170,41 +171,10 @@ def _keras_predict(model: Any, x: np.ndarray) -> np.ndarray:
     return np.asarray(ops.convert_to_numpy(model(ops.convert_to_tensor(x), training=False)), dtype=np.float64)
 
 
-# --------------------------------------------------------------------------- atomic writes
-def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder ``src`` to ``dst``; an old ``dst`` is removed only afterwards."""
-    old = None
-    if dst.exists():
-        old = _tmp_sibling(dst)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = _tmp_sibling(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 # --------------------------------------------------------------------------- formats
 def _export_savedmodel(wrapper: Any, dst: Path) -> None:
-    tmp = _tmp_sibling(dst)
-    try:
+    with atomic_path(dst) as tmp:
         wrapper.export(str(tmp), format="tf_saved_model", verbose=False)
-        _replace_dir(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _tflite_bytes(saved_model_dir: Path) -> bytes:
@@ -247,20 +217,13 @@ def _export_onnx(wrapper: Any, dst: Path) -> None:
     problem = onnx_available()
     if problem:
         raise ExportError(problem)
-    tmp = _tmp_sibling(dst).with_suffix(".onnx")
     try:
-        with warnings.catch_warnings():
+        with atomic_path(dst, suffix=".onnx") as tmp, warnings.catch_warnings():
             # Keras' tf2onnx numpy-2 patch probes np.object, which numpy announces as changing.
             warnings.simplefilter("ignore", FutureWarning)
             wrapper.export(str(tmp), format="onnx", verbose=False)
-        os.replace(tmp, dst)
-    except ExportError:
-        raise
     except Exception as exc:  # tf2onnx raises many types
         raise ExportError(f"ONNX export failed ({type(exc).__name__}: {exc})") from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _source_dir(model_dir_or_file: Any) -> Path | None:
@@ -361,7 +324,7 @@ def export_model(
                 written["savedmodel"] = sm
             if "tflite" in formats:
                 dst = out / ARTIFACT_NAMES["tflite"]
-                _write_bytes(dst, _tflite_bytes(sm))
+                atomic_write_bytes(dst, _tflite_bytes(sm))
                 written["tflite"] = dst
         if "onnx" in formats:
             dst = out / ARTIFACT_NAMES["onnx"]
@@ -379,7 +342,7 @@ def _write_meta(out: Path, model: Any, shape: tuple, src_dir: Path | None,
     classes = None
     if src_dir is not None and (src_dir / "labels.json").is_file():
         classes = json.loads((src_dir / "labels.json").read_text())
-        _write_bytes(out / "labels.json", json.dumps(classes).encode())
+        atomic_write_text(out / "labels.json", json.dumps(classes))
     cfg = src_dir / "config.json" if src_dir is not None else None
     kind = json.loads(cfg.read_text()).get("output", "probability") if cfg and cfg.is_file() else "probability"
     meta = {
@@ -394,7 +357,7 @@ def _write_meta(out: Path, model: Any, shape: tuple, src_dir: Path | None,
                    "class probabilities (n, k), uncalibrated, in the order of labels.json"),
         "formats": {k: v.name for k, v in written.items()},
     }
-    _write_bytes(out / "export.json", json.dumps(meta, indent=2).encode())
+    atomic_write_text(out / "export.json", json.dumps(meta, indent=2))
 
 
 # --------------------------------------------------------------------------- running exports

@@ -3,7 +3,8 @@
 A crash or a kill must never leave a half-written file under its final name: data goes to a
 uniquely named temporary file in the same folder, then ``os.replace`` (atomic on POSIX and
 Windows) moves it into place. The temporary file is created with mode 0o666 (not with
-``mkstemp``'s 0o600), so the result gets the usual umask permissions.
+``mkstemp``'s 0o600), so the result gets the usual umask permissions. :func:`atomic_path` does
+the same for writers that want a name (a SavedModel folder, an ONNX file).
 
 :func:`check_output_path` is the one rule for where a command may write, checked before any work:
 never over an input, never a file where a folder is (or the reverse), never a text result over a
@@ -11,12 +12,15 @@ scan, never into / beside the inputs unless the user asked explicitly (``--allow
 never into a folder that cannot be written.
 
 :func:`slug` turns any text (a data set folder, an image key) into a safe file-name part.
+:func:`stderr_to` sends file descriptor 2 elsewhere for a while (C++ start-up noise).
 """
 from __future__ import annotations
 
 import itertools
 import os
 import re
+import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
@@ -34,22 +38,49 @@ def _tmp_path(path: str, suffix: str) -> str:
     return os.path.join(head, f".{name}.{os.getpid()}.{_TOKEN}{next(_COUNTER)}{suffix}")
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary name beside ``path``; what the block writes there replaces ``path`` if it completes.
+
+    For writers that take a name rather than bytes (``df.to_csv``, ``model.export``). The block
+    may make a file or a folder; an old folder at ``path`` is removed only after the new one is
+    in place. On failure the temporary is removed and ``path`` is left as it was.
+
+    Args:
+        path: the final file or folder (parent folders are created).
+        suffix: end of the temporary name (some writers choose the format by it).
+    """
+    dst = Path(path)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(_tmp_path(str(dst), suffix))
+    try:
+        yield tmp
+        if tmp.is_dir() and dst.is_dir():
+            # os.replace cannot replace a non-empty folder: move the old one aside first.
+            old = Path(_tmp_path(str(dst), ".old"))
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    finally:
+        _remove(tmp)
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[BinaryIO]:
     """A binary file handle whose content appears at ``path`` only if the block completes.
 
     For writers that stream into a file (``np.savez``) instead of building the bytes first."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(_tmp_path(str(path), suffix))
-    try:
-        with open(tmp, "wb") as fh:
-            yield fh
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
+    with atomic_path(path, suffix=suffix) as tmp, open(tmp, "wb") as fh:
+        yield fh
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, suffix: str = ".tmp") -> Path:
@@ -105,6 +136,32 @@ def slug(text: str, *, default: str = "data", limit: int | None = None) -> str:
     """
     s = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or default
     return s[-limit:] if limit else s
+
+
+@contextmanager
+def stderr_to(path: str | os.PathLike | None) -> Iterator[None]:
+    """Send file descriptor 2 of this process (and of the children it starts) to ``path``.
+
+    C++ libraries (TensorFlow's start-up lines) and child processes (Jupyter kernels) write to
+    the descriptor, not to ``sys.stderr``, so only redirecting the descriptor silences them.
+    ``path`` is appended to (``os.devnull`` discards); None leaves stderr alone. Exceptions
+    raised in the block still propagate.
+    """
+    if path is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 # --------------------------------------------------------------------------------------------

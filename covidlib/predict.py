@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,8 @@ import pandas as pd
 
 from covidlib import config
 from covidlib import images as cimg
-from covidlib.fsutil import slug
+from covidlib.fsutil import atomic_write_text, slug
+from covidlib.runs import ModelFolderError, load_model_dir, member_dir, read_json
 
 __all__ = [
     "Member",
@@ -104,15 +104,6 @@ class Member:
 
 
 # --------------------------------------------------------------------------- members
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing") from None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not readable JSON ({exc})") from None
-
-
 def find_members(run_dir: str | os.PathLike | None = None,
                  model_dirs: Sequence[str | os.PathLike] | None = None) -> dict[str, Path]:
     """Which model folders to run, by name.
@@ -147,9 +138,7 @@ def find_members(run_dir: str | os.PathLike | None = None,
                                 "(`covidlib train` or notebook 03)")
     ens_cfg = models / "ensemble" / "config.json"
     if ens_cfg.is_file():
-        from covidlib.runs import ModelFolderError, member_dir
-
-        cfg = _read_json(ens_cfg)
+        cfg = read_json(ens_cfg)
         names = (cfg.get("members") if isinstance(cfg, dict) else None) or []
         if not isinstance(names, list):
             raise ModelFolderError(f"{ens_cfg}: 'members' must be a list of model folder names, "
@@ -166,7 +155,7 @@ def find_members(run_dir: str | os.PathLike | None = None,
         if d.name == "ensemble" or d.name.startswith("ablation_") or not (d / "model.keras").is_file():
             continue
         cfg_path = d / "config.json"
-        if cfg_path.is_file() and _read_json(cfg_path).get("modality", "ct") == "ct":
+        if cfg_path.is_file() and read_json(cfg_path).get("modality", "ct") == "ct":
             out[d.name] = d
     if not out:
         raise FileNotFoundError(f"no trained CT model under {models} (folders with model.keras and "
@@ -208,7 +197,6 @@ def load_members(members: dict[str, Path]) -> list[Member]:
             orders differ between members.
     """
     from covidlib import ensemble  # noqa: F401 - registers VoteLayer should a member be an ensemble
-    from covidlib.runs import load_model_dir
 
     out: list[Member] = []
     for name, d in members.items():
@@ -238,7 +226,7 @@ def vote_settings(run_dir: str | os.PathLike | None, member_names: Sequence[str]
     if run_dir is not None:
         path = Path(run_dir).expanduser() / "models" / "ensemble" / "config.json"
         if path.is_file():
-            cfg = _read_json(path)
+            cfg = read_json(path)
     method = vote or cfg.get("method") or "hard"
     if method not in METHODS:
         raise ValueError(f"unknown vote method {method!r}; choose one of {list(METHODS)}")
@@ -476,14 +464,17 @@ class _Run:
                 pending = []
         self.flush(pending)
 
-    def flush(self, pending: list[tuple[str, np.ndarray]]) -> None:
-        """Predict a chunk of readable images and append their rows (in input order)."""
-        from covidlib.ensemble import combine, member_votes
+    def _prepare_chunk(self, pending: list[tuple[str, np.ndarray]]
+                       ) -> tuple[list[tuple[str, str | None]], dict[tuple, np.ndarray]]:
+        """``(key, error or None)`` per image in input order, and the model inputs of the good ones.
+
+        Each image is prepared once per distinct member input (:attr:`Member.prep_key`).
+        """
         from covidlib.models import check_input_scale
 
         by_key = {m.prep_key: m for m in self.members}
         xs: dict[tuple, list[np.ndarray]] = {pk: [] for pk in by_key}
-        order: list[tuple[str, str | None]] = []  # (key, error or None)
+        order: list[tuple[str, str | None]] = []
         for key, img in pending:
             try:
                 prepared = {pk: _prepare(img, m, self.enhanced) for pk, m in by_key.items()}
@@ -493,24 +484,27 @@ class _Run:
             order.append((key, None))
             for pk, arr in prepared.items():
                 xs[pk].append(arr)
+        inputs: dict[tuple, np.ndarray] = {}
+        if any(err is None for _, err in order):
+            for pk, arrs in xs.items():
+                inputs[pk] = np.stack(arrs).astype(np.float32)[..., None]
+                check_input_scale(inputs[pk], where="predict batch")
+        return order, inputs
+
+    def flush(self, pending: list[tuple[str, np.ndarray]]) -> None:
+        """Predict a chunk of readable images and append their rows (in input order)."""
+        from covidlib.ensemble import combine, member_votes
+
+        order, inputs = self._prepare_chunk(pending)
         keep = [k for k, e in order if e is None]
         if keep:
-            inputs: dict[tuple, np.ndarray] = {}
-            for pk, arrs in xs.items():
-                x = np.stack(arrs).astype(np.float32)[..., None]
-                check_input_scale(x, where="predict batch")
-                inputs[pk] = x
             probs, spread = self._member_outputs(inputs)
             member_probs = [probs[m.name] for m in self.members]
             vote = combine(member_probs, self.method, self.weights)
             winner = vote.argmax(axis=1)
             n_votes = member_votes(member_probs, winner)
-            row_ids = []
-            n = len(self.rows)
-            for k, e in order:
-                if e is None:
-                    row_ids.append(n)
-                n += 1
+            # The row numbers the good images get (Grad-CAM file names start with them).
+            row_ids = [len(self.rows) + j for j, (_, err) in enumerate(order) if err is None]
             cams = self._gradcams(keep, row_ids, inputs, probs, winner) if self.gradcam_dir else {}
         i = 0
         for key, err in order:
@@ -650,22 +644,18 @@ def predict_paths(
             weights, ``gradcam_dir`` unsafe (:class:`covidlib.fsutil.UnsafeOutputError`).
         FileNotFoundError: no models found.
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    paths = list(paths)
+    paths = _path_list(paths)
     if not paths:
         raise ValueError("no input paths given")
-    batch_size = max(1, int(batch_size))
     tta = _check_tta(tta)
     cimg._window_bounds(window)  # a bad window is a usage error, not one error row per file
     # Output paths first: no model is loaded, no image read, for an output that cannot be used.
-    check_outputs(paths, gradcam_dir=gradcam_dir, allow_inside_input=allow_inside_input)
+    _, cam_dir = check_outputs(paths, gradcam_dir=gradcam_dir, allow_inside_input=allow_inside_input)
     members = load_members(find_members(run_dir, model_dirs))
     method, weights = vote_settings(run_dir, [m.name for m in members], vote)
-    cam_dir = Path(gradcam_dir).expanduser() if gradcam_dir is not None else None
     if cam_dir is not None:
         cam_dir.mkdir(parents=True, exist_ok=True)
-    run = _Run(members, method, weights, cam_dir, batch_size, enhanced, tta)
+    run = _Run(members, method, weights, cam_dir, max(1, int(batch_size)), enhanced, tta)
 
     unreadable: dict[Path, str] = {}
     files, skipped = expand_paths(paths, unreadable)
@@ -677,6 +667,11 @@ def predict_paths(
     df.attrs["skipped"] = [str(p) for p in skipped]
     df.attrs["inputs"] = [str(p) for p in paths]
     return df
+
+
+def _path_list(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list:
+    """One path or many, as a list."""
+    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
 
 
 def check_outputs(paths: str | os.PathLike | Iterable[str | os.PathLike],
@@ -696,7 +691,7 @@ def check_outputs(paths: str | os.PathLike | Iterable[str | os.PathLike],
     """
     from covidlib.fsutil import check_output_path
 
-    inputs = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    inputs = _path_list(paths)
     kw = {"allow_inside_input": allow_inside_input}
     out_p = cam_p = None
     if out is not None:
@@ -772,17 +767,8 @@ def write_predictions(df: pd.DataFrame, path: str | os.PathLike, *,
     ``path`` goes through :func:`check_outputs` against ``df.attrs["inputs"]`` first: a scan,
     a folder or the inputs' own folder is never written over (check it before predicting, too).
     """
-    from covidlib.fsutil import atomic_write_text
-
     path, _ = check_outputs(df.attrs.get("inputs") or [], out=path, allow_inside_input=allow_inside_input)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_text(path, df.to_csv(index=False))
     if df.attrs.get("columns"):
         atomic_write_text(columns_path(path), json.dumps(_columns_doc(df, path.name), indent=2))
     return path

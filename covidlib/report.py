@@ -16,6 +16,7 @@ no reliability diagram, and results.md shows its ECE as ``n/a (score)``. Every m
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -246,7 +247,7 @@ class RunReport:
         """Confusion matrices and ROC curves of every output, and the vote's 5x5 test grid."""
         for key, (title, y, values, block) in self._outputs().items():
             _output_figures(self.fig_dir, key, title, y, values, self.classes, block, self.figures)
-        images = self._images()
+        images = self._test_images
         if images is not None:
             _, y, values, _ = self._outputs()["vote"]
             self.figures["grid_vote"] = self.fig_dir / "test_grid_vote.png"
@@ -256,12 +257,12 @@ class RunReport:
 
     def gradcam(self, n_images: int = 4) -> Path | None:
         """Grad-CAM of every member and of the vote on ``n_images`` test images."""
-        images = self._images()
+        images = self._test_images
         if not n_images or images is None:
             return None
         _, y, values, _ = self._outputs()["vote"]
         self.figures["gradcam"] = self.fig_dir / "gradcam.png"
-        _gradcam_figure(self._models(), images, y, values, self.classes, n_images, self.seed,
+        _gradcam_figure(self._member_models, images, y, values, self.classes, n_images, self.seed,
                         self.figures["gradcam"])
         return self.figures["gradcam"]
 
@@ -275,8 +276,8 @@ class RunReport:
     def write(self, save_ensemble: bool = True) -> RunEvaluation:
         """``evaluation.json``, ``results.md`` and (optionally) the vote as one Keras model."""
         if save_ensemble and len(self.members.base_test):
-            _save_ensemble(self.run_dir, self._models(), self.vote_method, self.weights,
-                           self.classes, self._img_size())
+            _save_ensemble(self.run_dir, self._member_models, self.vote_method, self.weights,
+                           self.classes, self._img_size)
         self.evaluation.setdefault("two_phase", {"skipped": True, "reason": "not evaluated"})
         evaluation = evaluate.to_jsonable(self.evaluation)
         atomic_write_text(self.run_dir / "evaluation.json", json.dumps(evaluation, indent=2))
@@ -301,26 +302,27 @@ class RunReport:
         out["vote"] = (title, y, values.to_numpy(dtype=float), self.evaluation["ensemble"])
         return out
 
+    @functools.cached_property
     def _img_size(self) -> int:
+        """The input size the CT backbones were trained at (the first one's ``config.json``)."""
         cfg = self.run_dir / "models" / self.backbones[0] / "config.json"
         return int(json.loads(cfg.read_text())["img_size"])
 
-    def _images(self) -> np.ndarray | None:
+    @functools.cached_property
+    def _test_images(self) -> np.ndarray | None:
+        """The test images as the models see them (read once, for the grid and Grad-CAM)."""
         if not len(self.members.base_test):
             return None
-        if not hasattr(self, "_test_images"):
-            from covidlib.arraystore import read_resized
+        from covidlib.arraystore import read_resized
 
-            size = self._img_size()
-            self._test_images = np.stack([read_resized(p, size) for p in self.members.base_test["path"]])
-        return self._test_images
+        return np.stack([read_resized(p, self._img_size) for p in self.members.base_test["path"]])
 
-    def _models(self) -> dict[str, Any]:
-        if not hasattr(self, "_loaded"):
-            from covidlib.train import load_run
+    @functools.cached_property
+    def _member_models(self) -> dict[str, Any]:
+        """The CT backbones' Keras models (loaded once, for Grad-CAM and the saved ensemble)."""
+        from covidlib.train import load_run
 
-            self._loaded = {name: load_run(self.run_dir / "models" / name)[0] for name in self.backbones}
-        return self._loaded
+        return {name: load_run(self.run_dir / "models" / name)[0] for name in self.backbones}
 
 
 def _evaluate_vote(run_dir: Path, members: _Members, names: list[str], method: str,

@@ -24,8 +24,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelFolderError", "MIN_IMG_SIZE", "read_labels", "read_config", "check_classes",
-           "check_img_size", "check_keras_file", "check_model_io", "load_model_dir", "member_dir"]
+__all__ = ["ModelFolderError", "MIN_IMG_SIZE", "read_json", "read_labels", "read_config",
+           "check_classes", "check_img_size", "check_keras_file", "check_model_io", "load_model_dir",
+           "member_dir"]
 
 #: Smallest input side a covidlib model is trained at (``train.TrainConfig`` refuses less).
 MIN_IMG_SIZE = 32
@@ -35,7 +36,13 @@ class ModelFolderError(ValueError):
     """A model folder whose files are missing, damaged or disagree with each other."""
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file of a model folder.
+
+    Raises:
+        FileNotFoundError: no such file ("<path> is missing"). ModelFolderError: not readable JSON.
+    """
+    path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -47,7 +54,7 @@ def _read_json(path: Path) -> Any:
 def read_labels(model_dir: str | os.PathLike) -> list[str]:
     """``labels.json``: a list of distinct, non-empty class names (``"abc"`` is not a list)."""
     path = Path(model_dir) / "labels.json"
-    labels = _read_json(path)
+    labels = read_json(path)
     names_ok = isinstance(labels, list) and all(isinstance(c, str) and c.strip() for c in labels)
     if not names_ok or not labels:
         raise ModelFolderError(f"{path} must be a JSON list of class names, got {json.dumps(labels)[:80]}")
@@ -59,7 +66,7 @@ def read_labels(model_dir: str | os.PathLike) -> list[str]:
 def read_config(model_dir: str | os.PathLike) -> dict:
     """``config.json`` as a dict."""
     path = Path(model_dir) / "config.json"
-    cfg = _read_json(path)
+    cfg = read_json(path)
     if not isinstance(cfg, dict):
         raise ModelFolderError(f"{path} must be a JSON object, got {type(cfg).__name__}")
     return cfg

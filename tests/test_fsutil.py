@@ -75,6 +75,44 @@ def test_atomic_open_streams_and_cleans_up_on_error(tmp_path):
     assert os.listdir(p.parent) == ["w.npz"]
 
 
+
+def test_atomic_path_replaces_files_and_folders_only_when_complete(tmp_path):
+    out = tmp_path / "export" / "saved_model"
+    with fsutil.atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / "v1").write_text("1")
+    with fsutil.atomic_path(out) as tmp:  # a folder over a non-empty folder
+        tmp.mkdir()
+        (tmp / "v2").write_text("2")
+    assert os.listdir(out) == ["v2"]
+    with pytest.raises(RuntimeError):
+        with fsutil.atomic_path(out) as tmp:
+            tmp.mkdir()
+            (tmp / "v3").write_text("3")
+            raise RuntimeError("writer failed")
+    assert os.listdir(out) == ["v2"] and os.listdir(out.parent) == ["saved_model"]
+    with fsutil.atomic_path(tmp_path / "m.onnx", suffix=".onnx") as tmp:
+        assert tmp.name.endswith(".onnx") and tmp.parent == tmp_path
+        tmp.write_bytes(b"onnx")
+    assert (tmp_path / "m.onnx").read_bytes() == b"onnx"
+
+
+def test_stderr_to_redirects_file_descriptor_2(tmp_path):
+    log = tmp_path / "stderr.log"
+    before = os.fstat(2)
+    with fsutil.stderr_to(log):
+        os.write(2, b"from C++\n")  # what a C library or a child process writes
+    with fsutil.stderr_to(log):
+        os.write(2, b"appended\n")
+    with pytest.raises(ValueError):
+        with fsutil.stderr_to(os.devnull):
+            raise ValueError("still raised")
+    with fsutil.stderr_to(None):
+        pass
+    assert log.read_bytes() == b"from C++\nappended\n"
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)  # restored
+
 # --------------------------------------------------------------------------- output paths (issue #13)
 def test_check_output_path_refuses_inputs_folders_and_scans(tmp_path):
     data = tmp_path / "data"

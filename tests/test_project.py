@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from covidlib import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,12 +40,22 @@ def test_cli_help_is_fast_and_complete():
     out = subprocess.run([sys.executable, "-m", "covidlib", "--help"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0
-    for cmd in ("run", "notebooks", "download", "audit", "enhance", "train", "evaluate", "predict",
-                "export"):
+    registered = [add.__name__.removeprefix("_add_") for add in cli.SUBCOMMANDS]
+    for cmd in dict.fromkeys(["run", "notebooks", "download", "audit", "enhance", "train", "evaluate",
+                              "predict", "export", *registered]):
         assert cmd in out.stdout
         sub = subprocess.run([sys.executable, "-m", "covidlib", cmd, "--help"],
                              capture_output=True, text=True, timeout=60)
         assert sub.returncode == 0 and "usage" in sub.stdout
+
+
+def test_every_subcommand_is_registered():
+    """A sub-command is a cmd_<name> and an _add_<name> function, and one entry of SUBCOMMANDS."""
+    registered = [add.__name__.removeprefix("_add_") for add in cli.SUBCOMMANDS]
+    assert sorted(registered) == sorted(n.removeprefix("_add_") for n in vars(cli) if n.startswith("_add_"))
+    assert sorted(registered) == sorted(n.removeprefix("cmd_") for n in vars(cli) if n.startswith("cmd_"))
+    sub = cli.build_parser().parse_args(["notebooks", "somewhere"])
+    assert sub.func is cli.cmd_notebooks and sub.dest == "somewhere"
 
 
 def test_light_modules_do_not_import_keras():
