@@ -19,13 +19,8 @@ if TYPE_CHECKING:  # only for hints: layouts imports this module
     from covidlib.layouts import Item
 
 __all__ = [
-    "ALIASES",
-    "IGNORE",
-    "normalize_class_name",
-    "alias_lookup",
-    "resolve_label",
-    "format_alias_table",
-    "map_labels",
+    "ALIASES", "IGNORE", "normalize_class_name", "alias_lookup", "resolve_label",
+    "format_alias_table", "map_labels",
 ]
 
 #: Accepted class names -> canonical label. Matching ignores case, spaces, ``_`` and ``-``
@@ -150,11 +145,8 @@ def map_labels(items: list[Item], aliases: Mapping[str, str | None] | None,
             accepted aliases and how to pass ``aliases=``.
     """
     table = alias_lookup(aliases, extra)
-    found: dict[str, str | None] = {}
-    counts: Counter = Counter()
-    for it in items:
-        counts[it.cls] += 1
-        found[it.cls] = table.get(normalize_class_name(it.cls))
+    counts = Counter(it.cls for it in items)
+    found = {name: table.get(normalize_class_name(name)) for name in counts}
     unmapped = sorted(k for k, v in found.items() if v is None)
     if unmapped:
         example = unmapped[0]
@@ -165,15 +157,9 @@ def map_labels(items: list[Item], aliases: Mapping[str, str | None] | None,
             f"Pass e.g. aliases={{{example!r}: 'cap'}} to ingest() to map it, or "
             f"aliases={{{example!r}: 'ignore'}} to leave that class out."
         )
-    notes = []
-    kept = []
-    for it in items:
-        lab = found[it.cls]
-        if lab == IGNORE:
-            continue
-        it.label = lab
-        kept.append(it)
-    for name, lab in found.items():
-        if lab == IGNORE:
-            notes.append(f"class {name!r} ({counts[name]} files) ignored as asked (aliases)")
-    return kept, {k: v for k, v in found.items()}, notes
+    kept = [it for it in items if found[it.cls] != IGNORE]
+    for it in kept:
+        it.label = found[it.cls]
+    notes = [f"class {name!r} ({counts[name]} files) ignored as asked (aliases)"
+             for name, lab in found.items() if lab == IGNORE]
+    return kept, found, notes

@@ -39,23 +39,16 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-
-from covidlib.fsutil import atomic_write_text
+import pandas as pd
 
 from covidlib import config
 from covidlib.evaluate import to_jsonable
+from covidlib.fsutil import atomic_write_text
 
 __all__ = [
-    "DEFAULT_NEAR_DUP_THRESHOLD",
-    "SHORTCUT_BALANCED_ACCURACY",
-    "DEFAULT_MIN_CORRELATION",
-    "perceptual_hash",
-    "structure_signature",
-    "hamming_distance",
-    "near_duplicate_groups",
-    "audit_manifest",
-    "write_audit",
-    "format_audit",
+    "DEFAULT_NEAR_DUP_THRESHOLD", "SHORTCUT_BALANCED_ACCURACY", "DEFAULT_MIN_CORRELATION",
+    "perceptual_hash", "structure_signature", "hamming_distance", "near_duplicate_groups",
+    "audit_manifest", "write_audit", "format_audit", "audit_by_modality", "format_audit_by_modality",
 ]
 
 DEFAULT_NEAR_DUP_THRESHOLD = 6
@@ -68,6 +61,16 @@ _SIG_SIGMA = 1.0
 # Pairwise Hamming distances are computed in blocks of this many rows, so memory stays at
 # ~block * n bytes however large the data set.
 _PAIR_BLOCK = 1024
+
+
+def _gray2d(img: np.ndarray, who: str) -> np.ndarray:
+    """``img`` as a non-empty 2-D array (a single trailing channel is dropped)."""
+    a = np.asarray(img)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim != 2 or a.size == 0:
+        raise ValueError(f"{who} expects a non-empty 2-D grayscale image, got shape {a.shape}")
+    return a
 
 
 def perceptual_hash(img: np.ndarray) -> int:
@@ -88,21 +91,14 @@ def perceptual_hash(img: np.ndarray) -> int:
     Raises:
         ValueError: if ``img`` is not a non-empty 2-D image.
     """
-    a = np.asarray(img)
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[:, :, 0]
-    if a.ndim != 2 or a.size == 0:
-        raise ValueError(f"perceptual_hash expects a non-empty 2-D grayscale image, got shape {a.shape}")
+    a = _gray2d(img, "perceptual_hash")
     import cv2  # local: keeps `import covidlib.audit` light
 
     small = cv2.resize(a.astype(np.float32, copy=False), (9, 8), interpolation=cv2.INTER_AREA)
     # The floor absorbs float round-off of the resize (a constant image must hash to 0).
     tol = max(_DHASH_DEAD_ZONE * float(small.max() - small.min()), 1e-4 * max(1.0, float(np.abs(small).max())))
-    bits = (small[:, :-1] - small[:, 1:] > tol).ravel()
-    value = 0
-    for b in bits:
-        value = (value << 1) | int(b)
-    return value
+    bits = small[:, :-1] - small[:, 1:] > tol
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
 def structure_signature(img: np.ndarray) -> np.ndarray:
@@ -111,11 +107,7 @@ def structure_signature(img: np.ndarray) -> np.ndarray:
     32x32 area-averaged thumbnail minus its Gaussian blur (sigma 1 px), zero mean, unit length:
     the dot product of two signatures is their Pearson correlation. A constant image gives zeros.
     """
-    a = np.asarray(img)
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[:, :, 0]
-    if a.ndim != 2 or a.size == 0:
-        raise ValueError(f"structure_signature expects a 2-D image, got shape {a.shape}")
+    a = _gray2d(img, "structure_signature")
     import cv2
 
     t = cv2.resize(a.astype(np.float32, copy=False), (_SIG_SIZE, _SIG_SIZE), interpolation=cv2.INTER_AREA)
@@ -134,8 +126,7 @@ def _popcount64(x: np.ndarray) -> np.ndarray:
     """Bit count of a uint64 array (numpy >= 2 has it built in)."""
     if hasattr(np, "bitwise_count"):
         return np.bitwise_count(x).astype(np.int16)
-    table = np.array([bin(i).count("1") for i in range(256)], dtype=np.int16)
-    return table[x.view(np.uint8).reshape(x.shape + (8,))].sum(axis=-1)
+    return np.unpackbits(x[..., None].view(np.uint8), axis=-1).sum(axis=-1, dtype=np.int16)
 
 
 def _near_duplicate_pairs(
@@ -151,9 +142,7 @@ def _near_duplicate_pairs(
     use_sig = signatures is not None and min_correlation is not None and n > 0
     # Keep each block's n-wide float matrix around 64 MB whatever the data set size.
     block = max(16, min(_PAIR_BLOCK, int(16_000_000 // max(n, 1)))) if use_sig else _PAIR_BLOCK
-    ii: list[np.ndarray] = []
-    jj: list[np.ndarray] = []
-    dd: list[np.ndarray] = []
+    ii, jj, dd = ([np.zeros(0, dtype=np.int64)] for _ in range(3))
     for start in range(0, n, block):
         stop = min(start + block, n)
         # Compare the block against everything from its own first row on (upper triangle only).
@@ -167,14 +156,7 @@ def _near_duplicate_pairs(
         ii.append(r + start)
         jj.append(c + start)
         dd.append(d[r, c])
-    if not ii:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, empty
-    return (
-        np.concatenate(ii).astype(np.int64),
-        np.concatenate(jj).astype(np.int64),
-        np.concatenate(dd).astype(np.int64),
-    )
+    return tuple(np.concatenate(a).astype(np.int64) for a in (ii, jj, dd))
 
 
 def _connected_groups(n: int, pairs_i: Iterable[int], pairs_j: Iterable[int]) -> list[int]:
@@ -188,12 +170,9 @@ def _connected_groups(n: int, pairs_i: Iterable[int], pairs_j: Iterable[int]) ->
     j = np.fromiter(pairs_j, dtype=np.int64)
     graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
-    # SciPy's numbering is an implementation detail; renumber by each group's first member so
-    # group ids stay stable (reports and tests rely on first-appearance order).
-    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
-    rank = np.empty(len(first), dtype=np.int64)
-    rank[np.argsort(first)] = np.arange(len(first))
-    return rank[inverse.ravel()].tolist()
+    # SciPy's numbering is an implementation detail: renumber in order of first appearance
+    # (reports and tests rely on it).
+    return pd.factorize(labels)[0].tolist()
 
 
 def _hash_item(item) -> tuple[int, np.ndarray | None]:
@@ -295,24 +274,15 @@ def _extension(path: str) -> str:
 
 def _decode(data: bytes, path: str) -> tuple[np.ndarray, int | None]:
     """Decode bytes to a 2-D gray array plus the stored channel count (None if unknown)."""
-    ext = _extension(path)
-    arr = None
-    if ext not in config.MEDICAL_EXTENSIONS:
+    if _extension(path) not in config.MEDICAL_EXTENSIONS:
         import cv2
 
         arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if arr is not None:
-        channels = 1 if arr.ndim == 2 else int(arr.shape[2])
-        if arr.ndim == 3:
-            import cv2
-
-            if channels == 3:
-                arr = cv2.cvtColor(arr, cv2.COLOR_BGR2GRAY)
-            elif channels == 4:
-                arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2GRAY)
-            else:
-                arr = arr[:, :, 0]
-        return arr, channels
+        if arr is not None and arr.ndim == 2:
+            return arr, 1
+        if arr is not None:
+            to_gray = {3: cv2.COLOR_BGR2GRAY, 4: cv2.COLOR_BGRA2GRAY}.get(arr.shape[2])
+            return (arr[:, :, 0] if to_gray is None else cv2.cvtColor(arr, to_gray)), int(arr.shape[2])
     # DICOM / NIfTI / anything OpenCV cannot decode: the project's reader knows more formats and
     # gives a proper reason when it fails.
     from covidlib import images as cimg
@@ -395,18 +365,13 @@ def _name_pattern(path: str, label: str) -> str:
 
 def _fit_predict(x_tr, y_tr, x_te, categorical: bool) -> np.ndarray:
     if categorical:
-        # Value -> the class it is most typical of (class-conditional frequency, i.e. balanced
-        # priors, matching class_weight="balanced" for the numeric tree). Unseen -> majority.
-        classes, counts = np.unique(y_tr, return_counts=True)
-        per_class = {c: n for c, n in zip(classes, counts)}
-        table: dict[Any, Counter] = defaultdict(Counter)
-        for v, c in zip(x_tr, y_tr):
-            table[v][c] += 1
-        best = {
-            v: max(classes, key=lambda c, cnt=cnt: (cnt.get(c, 0) / per_class[c], per_class[c]))
-            for v, cnt in table.items()
-        }
-        majority = classes[int(np.argmax(counts))]
+        # Value -> the class it is most typical of: highest P(value | class), i.e. balanced priors
+        # like class_weight="balanced" for the numeric tree; ties go to the larger class, then
+        # the first. An unseen value -> the majority class.
+        table = pd.crosstab(np.asarray(x_tr), np.asarray(y_tr))  # value x class counts
+        n_class = table.sum()
+        by_size = np.argsort(-n_class.to_numpy(), kind="stable")
+        best, majority = (table / n_class).iloc[:, by_size].idxmax(axis=1), n_class.idxmax()
         return np.array([best.get(v, majority) for v in x_te], dtype=object)
     from sklearn.tree import DecisionTreeClassifier
 
@@ -455,41 +420,32 @@ def _describe_by_class(x: np.ndarray, y: np.ndarray, classes: list[str], categor
             out[c] = {"n_distinct": len(set(v.tolist())), "top": [[str(k), int(n)] for k, n in top]}
         else:
             v = v.astype(np.float64)
-            out[c] = {
-                "median": round(float(np.median(v)), 4),
-                "p5": round(float(np.percentile(v, 5)), 4),
-                "p95": round(float(np.percentile(v, 95)), 4),
-            }
+            p5, p95 = np.percentile(v, [5, 95])
+            out[c] = {"median": round(float(np.median(v)), 4), "p5": round(float(p5), 4),
+                      "p95": round(float(p95), 4)}
     return out
 
 
-def _pure_subgroups(x: np.ndarray, y: np.ndarray, classes: list[str]) -> list[dict]:
+def _pure_subgroups(x: np.ndarray, y: np.ndarray) -> list[dict]:
+    """Values of ``x`` that (almost) only one class has, beyond chance (criteria: SUBGROUP_*)."""
     from scipy.stats import binom  # lazy: scipy.stats costs CLI start-up time
 
-    n = len(y)
-    class_n = {c: int(np.sum(y == c)) for c in classes}
+    table = pd.crosstab(x.astype(str), y)  # value x class counts
+    class_n, n = table.sum(), len(y)
     found = []
-    values, inverse = np.unique(x.astype(str), return_inverse=True)
-    for k, v in enumerate(values):
-        members = y[inverse == k]
-        n_v = len(members)
-        if n_v < SUBGROUP_MIN_SIZE or n_v > 0.9 * n:
+    for v, row in table.iterrows():
+        c = row.idxmax()
+        n_v, n_c = int(row.sum()), int(row[c])
+        purity, coverage = n_c / n_v, n_c / int(class_n[c])
+        if (n_v < SUBGROUP_MIN_SIZE or n_v > 0.9 * n or purity < SUBGROUP_MIN_PURITY
+                or coverage < SUBGROUP_MIN_COVERAGE):
             continue
-        cnt = Counter(members.tolist())
-        c, n_c = cnt.most_common(1)[0]
-        purity = n_c / n_v
-        coverage = n_c / class_n[c]
-        if purity < SUBGROUP_MIN_PURITY or coverage < SUBGROUP_MIN_COVERAGE:
-            continue
-        q_other = 1.0 - class_n[c] / n
-        p = float(binom.cdf(n_v - n_c, n_v, q_other))
+        # Chance that a random value holding n_v images is this pure: at most n_v - n_c others.
+        p = float(binom.cdf(n_v - n_c, n_v, 1.0 - int(class_n[c]) / n))
         if p < SUBGROUP_MAX_P:
-            found.append({
-                "value": str(v), "class": c, "n": n_v, "purity": round(purity, 4),
-                "class_coverage": round(coverage, 4), "p_value": p,
-            })
-    found.sort(key=lambda d: -d["n"])
-    return found
+            found.append({"value": str(v), "class": c, "n": n_v, "purity": round(purity, 4),
+                          "class_coverage": round(coverage, 4), "p_value": p})
+    return sorted(found, key=lambda d: -d["n"])
 
 
 def _tree_bins(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -497,30 +453,19 @@ def _tree_bins(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     range of a continuous property holding one class only can be tested like a category."""
     from sklearn.tree import DecisionTreeClassifier
 
-    tree = DecisionTreeClassifier(max_depth=2, class_weight="balanced", random_state=0)
-    xf = np.asarray(x, dtype=np.float64).reshape(-1, 1)
-    tree.fit(xf, y)
-    t = tree.tree_
-    bounds: dict[int, tuple[float, float]] = {}
+    xf = np.asarray(x, dtype=np.float64)
+    tree = DecisionTreeClassifier(max_depth=2, class_weight="balanced", random_state=0).fit(xf[:, None], y)
+    # A tree on one number cuts the line at its split points: each leaf is an interval between two.
+    edges = np.sort(tree.tree_.threshold[tree.tree_.children_left != -1])
+    names = [_interval(lo, hi) for lo, hi in zip(np.r_[-np.inf, edges], np.r_[edges, np.inf])]
+    # The tree's own rule: float32 input, left when x <= threshold.
+    return np.array(names, dtype=object)[np.searchsorted(edges, xf.astype(np.float32), side="left")]
 
-    def walk(node: int, lo: float, hi: float) -> None:
-        if t.children_left[node] == -1:
-            bounds[node] = (lo, hi)
-            return
-        thr = float(t.threshold[node])
-        walk(int(t.children_left[node]), lo, min(hi, thr))
-        walk(int(t.children_right[node]), max(lo, thr), hi)
 
-    walk(0, -math.inf, math.inf)
-
-    def name(lo: float, hi: float) -> str:
-        if math.isinf(lo):
-            return f"<= {hi:.4g}"
-        if math.isinf(hi):
-            return f"> {lo:.4g}"
-        return f"{lo:.4g} < v <= {hi:.4g}"
-
-    return np.array([name(*bounds[int(leaf)]) for leaf in tree.apply(xf)], dtype=object)
+def _interval(lo: float, hi: float) -> str:
+    if np.isinf(lo):
+        return f"<= {hi:.4g}"
+    return f"> {lo:.4g}" if np.isinf(hi) else f"{lo:.4g} < v <= {hi:.4g}"
 
 
 def _shortcut_property(name: str, x: np.ndarray, y: np.ndarray, categorical: bool,
@@ -563,9 +508,9 @@ def _shortcut_property(name: str, x: np.ndarray, y: np.ndarray, categorical: boo
         res["separable_classes"] = classes
     if categorical or distinct <= _FEW_VALUES:
         xs = x if categorical else np.array([_fmt_num(v) for v in x], dtype=object)
-        res["pure_subgroups"] = _pure_subgroups(xs, y, classes)[:10]
+        res["pure_subgroups"] = _pure_subgroups(xs, y)[:10]
     else:
-        res["pure_subgroups"] = _pure_subgroups(_tree_bins(x, y), y, classes)[:10]
+        res["pure_subgroups"] = _pure_subgroups(_tree_bins(x, y), y)[:10]
     res["shortcut"] = bool(res["separable_classes"] or res["pure_subgroups"])
     return res
 
@@ -580,27 +525,27 @@ def _class_key(c: str) -> tuple[int, str]:
     return (order.index(c) if c in order else len(order), str(c))
 
 
-def _cluster(idx: Sequence[int], paths, splits, labels, cap_paths: int) -> dict:
-    sp = sorted({splits[i] for i in idx})
-    lb = sorted({labels[i] for i in idx}, key=_class_key)
-    return {
-        "n": len(idx), "splits": sp, "labels": lb,
-        "cross_split": len(sp) > 1, "label_conflict": len(lb) > 1,
-        "paths": [paths[i] for i in list(idx)[:cap_paths]],
-    }
+def _clusters(index_lists: Iterable[Sequence[int]], t: _Table) -> list[dict]:
+    """Every group of 2+ rows as a cluster record (up to 10 paths): clusters across splits or
+    labels first, then the largest."""
+    out = []
+    for idx in (list(ix) for ix in index_lists if len(ix) > 1):
+        sp = sorted({t.splits[i] for i in idx})
+        lb = sorted({t.labels[i] for i in idx}, key=_class_key)
+        out.append({"n": len(idx), "splits": sp, "labels": lb, "cross_split": len(sp) > 1,
+                    "label_conflict": len(lb) > 1, "paths": [t.paths[i] for i in idx[:10]]})
+    return sorted(out, key=lambda d: (not d["cross_split"], not d["label_conflict"], -d["n"]))
 
 
-def _clean_ids(ids: "Any") -> tuple["Any", "Any"]:
+def _clean_ids(ids: pd.Series) -> tuple[pd.Series, pd.Series]:
     """Patient ids as stripped strings and the mask of rows without one."""
     s = ids.astype("string").str.strip()
     missing = s.isna() | (s == "") | s.str.lower().isin(["nan", "none", "null"])
     return s, missing.fillna(True).astype(bool)
 
 
-def _patient_status(ids: "Any") -> dict:
+def _patient_status(ids: pd.Series | None) -> dict:
     """Are patient ids real, missing, or one placeholder per image?"""
-    import pandas as pd
-
     if ids is None:
         return {"status": "missing", "n_missing": None, "n_unique": 0}
     s, missing = _clean_ids(ids)
@@ -621,7 +566,7 @@ def _patient_status(ids: "Any") -> dict:
     return out
 
 
-def _cv_groups(ids: "Any", status: dict) -> tuple[np.ndarray | None, str]:
+def _cv_groups(ids: pd.Series | None, status: dict) -> tuple[np.ndarray | None, str]:
     """Patient id per image for the shortcut check's folds, and which split that gives.
 
     Real ids -> patient-grouped folds (an image without an id is a group of its own).
@@ -644,7 +589,7 @@ def _cv_groups(ids: "Any", status: dict) -> tuple[np.ndarray | None, str]:
 class _Table:
     """The manifest's columns as the audit steps use them (one entry per row)."""
 
-    df: Any  # pandas.DataFrame, index 0..n-1
+    df: pd.DataFrame  # index 0..n-1
     paths: list[str]  # absolute
     labels: list[str]
     splits: list[str]  # "all" without a split column, "unknown" for an empty cell
@@ -653,8 +598,6 @@ class _Table:
 
 
 def _check_manifest(manifest: Any, near_dup_threshold: int) -> None:
-    import pandas as pd
-
     if not isinstance(manifest, pd.DataFrame):
         raise ValueError(f"manifest must be a pandas DataFrame, got {type(manifest).__name__}")
     missing_cols = [c for c in ("path", "label") if c not in manifest.columns]
@@ -666,9 +609,7 @@ def _check_manifest(manifest: Any, near_dup_threshold: int) -> None:
         raise ValueError(f"near_dup_threshold must be 0..64 bits, got {near_dup_threshold}")
 
 
-def _table(manifest: Any, root: str | os.PathLike | None) -> _Table:
-    import pandas as pd
-
+def _table(manifest: pd.DataFrame, root: str | os.PathLike | None) -> _Table:
     df = manifest.reset_index(drop=True)
     base = Path(root) if root is not None else Path.cwd()
     paths = [str(p) if os.path.isabs(str(p)) else str(base / str(p)) for p in df["path"]]
@@ -680,12 +621,6 @@ def _table(manifest: Any, root: str | os.PathLike | None) -> _Table:
     classes = sorted(set(labels), key=_class_key)
     split_order = [s for s in config.SPLITS if s in set(splits)] + sorted(set(splits) - set(config.SPLITS))
     return _Table(df, paths, labels, splits, classes, split_order)
-
-
-def _scan_all(paths: list[str], n_workers: int) -> list[dict[str, Any]]:
-    """:func:`_scan_one` for every path: one read per image, in a thread pool."""
-    with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        return list(pool.map(_scan_one, paths, chunksize=16))
 
 
 def _counts(t: _Table, warnings: list[str]) -> dict:
@@ -722,8 +657,7 @@ def _exact_duplicates(recs: list[dict], t: _Table, max_list: int, warnings: list
     for i, r in enumerate(recs):
         if r["sha1"]:
             by_sha[r["sha1"]].append(i)
-    exact = [_cluster(ix, t.paths, t.splits, t.labels, 10) for ix in by_sha.values() if len(ix) > 1]
-    exact.sort(key=lambda d: (not d["cross_split"], not d["label_conflict"], -d["n"]))
+    exact = _clusters(by_sha.values(), t)
     exact_report = {
         "n_clusters": len(exact),
         "n_images": sum(d["n"] for d in exact),
@@ -763,8 +697,7 @@ def _near_duplicates(recs: list[dict], ok: np.ndarray, t: _Table, near_dup_thres
     members: dict[int, list[int]] = defaultdict(list)
     for local, g in enumerate(groups):
         members[g].append(int(ok_idx[local]))
-    near = [_cluster(ix, paths, splits, labels, 10) for ix in members.values() if len(ix) > 1]
-    near.sort(key=lambda d: (not d["cross_split"], not d["label_conflict"], -d["n"]))
+    near = _clusters(members.values(), t)
     order = np.argsort(pd_[cross_pairs], kind="stable") if len(gi) else np.zeros(0, dtype=int)
     xi, xj, xd = gi[cross_pairs][order], gj[cross_pairs][order], pd_[cross_pairs][order]
     near_report = {
@@ -801,27 +734,18 @@ def _near_duplicates(recs: list[dict], ok: np.ndarray, t: _Table, near_dup_thres
     return near_report
 
 
-def _patient_overlap(pid_col: Any, pstat: dict, splits: list[str], max_list: int) -> dict:
+def _patient_overlap(pid_col: pd.Series | None, pstat: dict, splits: list[str], max_list: int) -> dict:
     """Patients whose images sit in more than one split (checked only with usable ids)."""
-    import pandas as pd
-
-    overlap_list: list[dict] = []
-    n_overlap_images = 0
-    if pid_col is not None and pstat["status"] in ("real", "all_unique"):
-        pids = pid_col.astype("string")
-        tmp = pd.DataFrame({"pid": pids, "split": splits}).dropna()
+    checked = pstat["status"] in ("real", "all_unique")  # both imply a patient_id column
+    overlap: list[dict] = []
+    if checked:
+        tmp = pd.DataFrame({"pid": pid_col.astype("string"), "split": splits}).dropna()
         per = tmp.groupby("pid")["split"].agg(lambda s: dict(Counter(s)))
-        for pid, sc in per.items():
-            if len(sc) > 1:
-                overlap_list.append({"patient_id": str(pid), "splits": sc, "n": int(sum(sc.values()))})
-                n_overlap_images += int(sum(sc.values()))
-    overlap_list.sort(key=lambda d: -d["n"])
-    return {
-        "checked": pstat["status"] in ("real", "all_unique"),
-        "n_patients": len(overlap_list),
-        "n_images": n_overlap_images,
-        "patients": overlap_list[:max_list],
-    }
+        overlap = [{"patient_id": str(pid), "splits": sc, "n": int(sum(sc.values()))}
+                   for pid, sc in per.items() if len(sc) > 1]
+    overlap.sort(key=lambda d: -d["n"])
+    return {"checked": checked, "n_patients": len(overlap), "n_images": sum(d["n"] for d in overlap),
+            "patients": overlap[:max_list]}
 
 
 def _patient_warnings(pstat: dict, overlap: dict, warnings: list[str]) -> None:
@@ -850,8 +774,6 @@ def _patient_warnings(pstat: dict, overlap: dict, warnings: list[str]) -> None:
 
 def _property_columns(recs: list[dict], t: _Table) -> dict[str, list]:
     """Every checked property's value per image (None where unknown)."""
-    import pandas as pd
-
     columns: dict[str, list] = {p: [r.get(p) for r in recs] for p in _NUMERIC_PROPS}
     columns["extension"] = [_extension(p) for p in t.paths]
     columns["name_pattern"] = [_name_pattern(p, lb) for p, lb in zip(t.paths, t.labels)]
@@ -871,22 +793,18 @@ def _shortcut_properties(recs: list[dict], t: _Table, by_class: dict[str, int],
     columns = _property_columns(recs, t)
     for prop, vals in columns.items():
         categorical = prop in _CATEGORICAL_PROPS
-        keep = np.array(
-            [v is not None and not (isinstance(v, float) and math.isnan(v)) for v in vals], dtype=bool
-        ) & np.isin(y_all, big_classes)
+        x = np.array(vals, dtype=object)
+        keep = ~pd.isna(x) & np.isin(y_all, big_classes)
         if keep.sum() < 4:
             continue
-        x = np.array([v for v, k in zip(vals, keep) if k], dtype=object)
+        x = x[keep]
         if not categorical:
             x = x.astype(np.float64)
         props[prop] = _shortcut_property(prop, x, y_all[keep], categorical,
                                          None if cv_groups is None else cv_groups[keep])
     if "source" in props and not props["source"].get("constant"):
-        src_classes = defaultdict(set)
-        for s_, c in zip(columns["source"], t.labels):
-            if s_ is not None:
-                src_classes[s_].add(c)
-        if all(len(v) == 1 for v in src_classes.values()):
+        per_source = pd.DataFrame({"source": columns["source"], "label": t.labels}).dropna()
+        if (per_source.groupby("source")["label"].nunique() == 1).all():
             props["source"]["note"] = (
                 "every source holds exactly one class: either `source` only repeats the class "
                 "folder, or the classes really come from different sources"
@@ -1000,7 +918,8 @@ def audit_manifest(
     t = _table(manifest, root)
     warnings: list[str] = []  # in report order: counts, duplicates, patients, shortcuts, files
     n_workers = workers or min(8, (os.cpu_count() or 2) + 2)
-    recs = _scan_all(t.paths, n_workers)
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:  # one read per image
+        recs = list(pool.map(_scan_one, t.paths, chunksize=16))
     ok = np.array([r["ok"] for r in recs], dtype=bool)
     unreadable = [{"path": p, "reason": r["reason"]} for p, r in zip(t.paths, recs) if not r["ok"]]
 

@@ -151,25 +151,20 @@ def route(cohort: pd.DataFrame, xray_table: pd.DataFrame, ct_table: pd.DataFrame
     return out
 
 
-def _rates(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
-    pos, neg = truth, ~truth
-    sens = (pred & pos).sum() / pos.sum() if pos.any() else np.nan
-    spec = (~pred & neg).sum() / neg.sum() if neg.any() else np.nan
-    return float(sens), float(spec)
+def _rates(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sensitivity and specificity over the last axis of boolean arrays; NaN where undefined."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sensitivity = (pred & truth).sum(axis=-1) / truth.sum(axis=-1)
+        specificity = (~pred & ~truth).sum(axis=-1) / (~truth).sum(axis=-1)
+    return sensitivity, specificity
 
 
 def _boot_rates(truth: np.ndarray, pred: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     """Sensitivity and specificity (columns) in each patient resample; NaN where undefined."""
     if len(truth) == 0:
         return np.full((n_boot, 2), np.nan)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(truth), size=(n_boot, len(truth)))
-    t, p = truth[idx], pred[idx]
-    pos, neg = t.sum(axis=1), (~t).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sens = np.where(pos > 0, (p & t).sum(axis=1) / pos, np.nan)
-        spec = np.where(neg > 0, (~p & ~t).sum(axis=1) / neg, np.nan)
-    return np.stack([sens, spec], axis=1)
+    idx = np.random.default_rng(seed).integers(0, len(truth), size=(n_boot, len(truth)))
+    return np.stack(_rates(truth[idx], pred[idx]), axis=1)
 
 
 def summarize(routed: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> dict:

@@ -49,12 +49,7 @@ from covidlib.splits import (GROUP_COLUMN, check_fractions, compile_patient_patt
 from covidlib.volumes import conversion_root, convert_medical
 
 __all__ = [
-    "IngestResult",
-    "ingest",
-    "write_manifest",
-    "read_manifest",
-    "save_run_manifest",
-    "summarize",
+    "IngestResult", "ingest", "write_manifest", "read_manifest", "save_run_manifest", "summarize",
 ]
 
 
@@ -85,19 +80,12 @@ class IngestResult:
 
     def report(self) -> str:
         """Human-readable summary: layout, alias table, counts, warnings, quarantine."""
-        lines = [f"layout: {self.layout}", format_alias_table(self.alias_table), ""]
-        if len(self.manifest):
-            lines.append(summarize(self.manifest).to_string())
-        else:
-            lines.append("(no usable images)")
-        for n in self.notes:
-            lines.append(f"note: {n}")
-        for w in self.warnings:
-            lines.append(f"WARNING: {w}")
+        lines = [f"layout: {self.layout}", format_alias_table(self.alias_table), "",
+                 summarize(self.manifest).to_string() if len(self.manifest) else "(no usable images)"]
+        lines += [f"note: {n}" for n in self.notes] + [f"WARNING: {w}" for w in self.warnings]
         if self.quarantine:
             lines.append(f"quarantined {len(self.quarantine)} file(s):")
-            for q in self.quarantine[:20]:
-                lines.append(f"  {q['path']}: {q['reason']}")
+            lines += [f"  {q['path']}: {q['reason']}" for q in self.quarantine[:20]]
             if len(self.quarantine) > 20:
                 lines.append(f"  ... and {len(self.quarantine) - 20} more")
         return "\n".join(lines)
@@ -129,8 +117,7 @@ def _verify(items: list[Item], quarantine: list[dict]) -> tuple[list[Item], list
             return problem, None
         return None, (perceptual_hash(img), structure_signature(img))
 
-    workers = max(1, min(8, (os.cpu_count() or 2) * 2))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
         results = list(pool.map(check, items))
     kept, hashes = [], []
     for it, (reason, h) in zip(items, results):
@@ -148,14 +135,14 @@ def _verify(items: list[Item], quarantine: list[dict]) -> tuple[list[Item], list
 
 
 def _order_manifest(df: pd.DataFrame) -> pd.DataFrame:
-    split_rank = {s: i for i, s in enumerate(config.SPLITS)}
-    label_rank = {s: i for i, s in enumerate(config.CANONICAL_LABELS)}
-    key = pd.DataFrame({
-        "s": df["split"].map(split_rank).fillna(99),
-        "l": df["label"].map(label_rank).fillna(99),
-        "p": df["path"].astype(str),
-    })
-    return df.loc[key.sort_values(["s", "l", "p"], kind="stable").index].reset_index(drop=True)
+    """Rows by split and label (canonical orders), then path."""
+    rank = {"split": {s: i for i, s in enumerate(config.SPLITS)},
+            "label": {c: i for i, c in enumerate(config.CANONICAL_LABELS)}}
+
+    def key(col: pd.Series) -> pd.Series:
+        return col.map(rank[col.name]).fillna(99) if col.name in rank else col.astype(str)
+
+    return df.sort_values(["split", "label", "path"], key=key).reset_index(drop=True)
 
 
 def write_manifest(df: pd.DataFrame, path: str | os.PathLike, relative: bool = False) -> Path:
@@ -230,12 +217,10 @@ def read_manifest(path: str | os.PathLike, check_files: bool = False) -> pd.Data
                 f"{path}: {col} values {sorted(set(df.loc[m, col]))} are not allowed (expected one of "
                 f"{list(allowed)}) at {bad_rows(m)}"
             )
-    m = df["path"].str.strip() == ""
-    if m.any():
-        raise ValueError(f"{path}: empty path at {bad_rows(m)}")
-    m = df["patient_id"].str.strip() == ""
-    if m.any():
-        raise ValueError(f"{path}: empty patient_id at {bad_rows(m)}")
+    for col in ("path", "patient_id"):
+        m = df[col].str.strip() == ""
+        if m.any():
+            raise ValueError(f"{path}: empty {col} at {bad_rows(m)}")
     base = path.parent.resolve()
     df["path"] = [str(p if Path(p).is_absolute() else (base / p)) for p in df["path"]]
     for c in config.BBOX_COLUMNS:

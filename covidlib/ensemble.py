@@ -41,11 +41,13 @@ import numpy as np
 import keras
 from keras import layers, ops
 
+from covidlib import evaluate
+
 METHODS = ("hard", "soft", "weighted")
 #: What :func:`combine` returns for each method: ``"probability"`` or ``"score"`` (see above).
 OUTPUT_KINDS: dict[str, str] = {"hard": "score", "soft": "probability", "weighted": "probability"}
-#: Column-name prefix per output kind: probabilities ``p_<class>``, ranking scores ``score_<class>``.
-OUTPUT_PREFIX: dict[str, str] = {"probability": "p_", "score": "score_"}
+#: Column-name prefix per output kind: ``p_<class>`` / ``score_<class>`` (the evaluation's table).
+OUTPUT_PREFIX: dict[str, str] = evaluate.OUTPUT_PREFIX
 SCORE_DEFINITION = ("hard-vote ranking score (votes_c + mean member probability_c) / (n_members + 1): "
                     "its arg-max is the voted class and it orders images for ROC / AUC, but it is not "
                     "a probability (quantised by the vote count), so it has no calibration, ECE or "
@@ -126,17 +128,16 @@ def fit_vote_weights(val_probs_list: Sequence[np.ndarray], y_val: np.ndarray,
     y = np.asarray(y_val, dtype=np.int64)
     m = len(arr)
     ticks = int(round(1 / step))
-    best, best_w = np.inf, [1.0 / m] * m
+    best_key, best_w = (np.inf, np.inf), [1.0 / m] * m
     for combo in itertools.product(range(ticks + 1), repeat=m):
         if sum(combo) != ticks:
             continue
         w = np.array(combo, dtype=np.float64) / ticks
         p = np.tensordot(w, arr, axes=1)
         nll = -np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1.0)))
-        spread = np.abs(w - 1.0 / m).sum()
-        key = (round(nll, 12), spread)
-        if key < (round(best, 12), np.abs(np.array(best_w) - 1.0 / m).sum()):
-            best, best_w = nll, w.tolist()
+        key = (round(nll, 12), np.abs(w - 1.0 / m).sum())  # then the most uniform weights
+        if key < best_key:
+            best_key, best_w = key, w.tolist()
     return [float(v) for v in best_w]
 
 

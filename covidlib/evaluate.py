@@ -33,9 +33,8 @@ keras is imported only inside those functions.
 """
 from __future__ import annotations
 
-import os
-
 import math
+import os
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -96,11 +95,10 @@ def _check_arrays(y_true: Any, probs: Any, n_classes: int | None = None) -> tupl
         raise ValueError(f"y_true must be 1-D with one entry per probs row: {y.shape} vs {p.shape}")
     if n_classes is not None and p.shape[1] != n_classes:
         raise ValueError(f"probs has {p.shape[1]} columns but there are {n_classes} classes")
-    if len(y) and not np.issubdtype(y.dtype, np.integer):
-        if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
-            y = y.astype(np.int64)
-        else:
-            raise ValueError("y_true must hold integer class indices (use predictions_to_arrays for labels)")
+    integral = np.issubdtype(y.dtype, np.integer) or (
+        np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0))
+    if len(y) and not integral:
+        raise ValueError("y_true must hold integer class indices (use predictions_to_arrays for labels)")
     y = y.astype(np.int64)
     if len(y) and (y.min() < 0 or y.max() >= p.shape[1]):
         raise ValueError(f"y_true indices must lie in [0, {p.shape[1] - 1}]")
@@ -208,7 +206,6 @@ def compute_metrics(y_true: Any, probs: Any, classes: Sequence[str]) -> dict:
     pred = p.argmax(axis=1) if n else np.zeros(0, dtype=np.int64)
     cm = np.zeros((K, K), dtype=np.int64)
     np.add.at(cm, (y, pred), 1)
-    pos = positive_index(classes) if K == 2 else None
     per_class: dict[str, dict] = {}
     for k, cls in enumerate(classes):
         tp = int(cm[k, k])
@@ -225,19 +222,10 @@ def compute_metrics(y_true: Any, probs: Any, classes: Sequence[str]) -> dict:
             "auc": _nan_to_none(auc),
             "support": tp + fn,
         }
-    if n:
-        agg = _weighted_metrics(np.ones((1, n)), y, p, pos if pos is not None else 0, DEFAULT_METRICS)
-        agg = {k: _nan_to_none(v[0]) for k, v in agg.items()}
-    else:
-        agg = {k: None for k in DEFAULT_METRICS}
-    return {
-        "accuracy": agg["accuracy"],
-        "f1_macro": agg["f1_macro"],
-        "auc_macro": agg["auc_macro"],
-        "n": int(n),
-        "per_class": per_class,
-        "confusion_matrix": cm.tolist(),
-    }
+    pos = positive_index(classes) if K == 2 else 0
+    agg = _weighted_metrics(np.ones((1, n)), y, p, pos, DEFAULT_METRICS) if n else {}
+    summary = {m: _nan_to_none(agg[m][0]) if n else None for m in DEFAULT_METRICS}
+    return {**summary, "n": int(n), "per_class": per_class, "confusion_matrix": cm.tolist()}
 
 
 # --------------------------------------------------------------------------------------
@@ -509,13 +497,6 @@ def expected_calibration_error(y_true: Any, probs: Any, n_bins: int = 15) -> flo
     return float(np.abs(gap).sum() / len(y))
 
 
-def _tempered(probs: np.ndarray, T: float) -> np.ndarray:
-    z = np.log(np.clip(probs, _EPS, None)) / T
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def apply_temperature(probs: Any, T: float) -> np.ndarray:
     """Rescale probabilities: ``softmax(log(p) / T)``. T > 1 softens, T < 1 sharpens."""
     p = np.asarray(probs, dtype=np.float64)
@@ -523,7 +504,9 @@ def apply_temperature(probs: Any, T: float) -> np.ndarray:
         raise ValueError(f"probs must be 2-D, got shape {p.shape}")
     if not (T > 0 and math.isfinite(T)):
         raise ValueError(f"temperature must be a positive finite number, got {T!r}")
-    return _tempered(p, float(T))
+    from scipy.special import softmax
+
+    return softmax(np.log(np.clip(p, _EPS, None)) / float(T), axis=1)
 
 
 def fit_temperature(probs_val: Any, y_val: Any, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
@@ -536,6 +519,7 @@ def fit_temperature(probs_val: Any, y_val: Any, bounds: tuple[float, float] = (0
         ValueError: with no validation samples.
     """
     from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
 
     y, p = _check_arrays(y_val, probs_val)
     if len(y) == 0:
@@ -544,9 +528,7 @@ def fit_temperature(probs_val: Any, y_val: Any, bounds: tuple[float, float] = (0
     rows = np.arange(len(y))
 
     def nll(log_t: float) -> float:
-        z = logp / math.exp(log_t)
-        z = z - z.max(axis=1, keepdims=True)
-        return float(-(z[rows, y] - np.log(np.exp(z).sum(axis=1))).mean())
+        return float(-log_softmax(logp / math.exp(log_t), axis=1)[rows, y].mean())
 
     res = minimize_scalar(nll, bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded",
                           options={"xatol": 1e-4})
@@ -646,11 +628,8 @@ def aggregate_by_patient(
         raise ValueError(f"patient_ids has {len(pids)} entries for {len(y)} predictions")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    uniq, first, inv = np.unique(pids, return_index=True, return_inverse=True)
-    order = np.argsort(first)  # first-appearance order
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    gid = rank[inv]
+    gid, uniq = pd.factorize(pids)  # patients numbered in order of first appearance
+    uniq = uniq.astype(str)
     n_pat, K = len(uniq), p.shape[1]
 
     y_min = np.full(n_pat, np.iinfo(np.int64).max)
@@ -659,16 +638,14 @@ def aggregate_by_patient(
     np.maximum.at(y_max, gid, y)
     bad = np.flatnonzero(y_min != y_max)
     if len(bad):
-        names = uniq[order][bad][:5].tolist()
+        names = uniq[bad][:5].tolist()
         raise ValueError(f"{len(bad)} patient(s) have slices with different labels, e.g. {names}")
     counts = np.bincount(gid, minlength=n_pat).astype(np.float64)
-
+    out = np.zeros((n_pat, K))
     if method == "mean":
-        out = np.zeros((n_pat, K))
         np.add.at(out, gid, p)
         out /= counts[:, None]
     elif method == "topk":
-        out = np.zeros((n_pat, K))
         srt = np.argsort(gid, kind="stable")
         bounds = np.r_[0, np.cumsum(np.bincount(gid, minlength=n_pat))]
         ps = p[srt]
@@ -681,10 +658,9 @@ def aggregate_by_patient(
         votes_mask = p.max(axis=1) >= threshold
         has_vote = np.bincount(gid, weights=votes_mask.astype(float), minlength=n_pat) > 0
         use = votes_mask | ~has_vote[gid]
-        out = np.zeros((n_pat, K))
         np.add.at(out, (gid[use], p[use].argmax(axis=1)), 1.0)
         out /= out.sum(axis=1, keepdims=True)
-    return uniq[order], y_min.astype(np.int64), out
+    return uniq, y_min.astype(np.int64), out
 
 
 def choose_aggregation(
@@ -786,15 +762,14 @@ def evaluate_predictions(
     y, p = predictions_to_arrays(test_df, classes)
     out = compute_metrics(y, p, classes)
     pid = _patient_ids(test_df)
-    clustered = pid is not None and len(np.unique(pid)) < len(pid)
-    out["ci95"] = bootstrap_ci(y, p, classes, groups=pid if clustered else None, n_boot=n_boot, seed=seed)
-    out["ci95_auc_per_class"] = bootstrap_ci(
-        y, p, classes, groups=pid if clustered else None, n_boot=n_boot, seed=seed,
-        metrics=[f"auc:{c}" for c in classes])
-    out["ci95_auc_per_class"] = {c: out["ci95_auc_per_class"][f"auc:{c}"] for c in classes}
-    out["ci_unit"] = "patient" if clustered else "image"
-    out["ci_rule"] = CI_RULE
-    if not clustered:
+    groups, ci_unit = bootstrap_groups(test_df)
+    # One set of resamples for every interval (each metric is computed on its own per resample).
+    ci = bootstrap_ci(y, p, classes, groups=groups, n_boot=n_boot, seed=seed,
+                      metrics=list(DEFAULT_METRICS) + [f"auc:{c}" for c in classes])
+    out["ci95"] = {m: ci[m] for m in DEFAULT_METRICS}
+    out["ci95_auc_per_class"] = {c: ci[f"auc:{c}"] for c in classes}
+    out["ci_unit"], out["ci_rule"] = ci_unit, CI_RULE
+    if groups is None:
         out["ci_note"] = ("no patient ids: images resampled as if independent; CIs are too narrow if "
                           "several images come from one patient" if pid is None else
                           "one image per patient: image and patient bootstrap coincide")

@@ -34,14 +34,8 @@ from covidlib import images as cimg
 from covidlib.aliases import alias_lookup, normalize_class_name
 
 __all__ = [
-    "COVIDX_CT_CLASSES",
-    "LAYOUTS",
-    "SPLIT_ALIASES",
-    "UNREADABLE_FOLDER",
-    "Item",
-    "Collected",
-    "detect_layout",
-    "collect",
+    "COVIDX_CT_CLASSES", "LAYOUTS", "SPLIT_ALIASES", "UNREADABLE_FOLDER", "Item", "Collected",
+    "detect_layout", "collect",
 ]
 
 #: Numeric classes of the COVIDx CT label files.
@@ -49,13 +43,9 @@ COVIDX_CT_CLASSES: dict[str, str] = {"0": "normal", "1": "cap", "2": "covid"}
 
 #: Folder names of the split layout (case-insensitive) -> split.
 SPLIT_ALIASES: dict[str, str] = {
-    "train": "train",
-    "training": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
-    "testing": "test",
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val",
+    "test": "test", "testing": "test",
 }
 
 LAYOUTS: tuple[str, ...] = ("class_folders", "split_folders", "covidx", "ucsd", "csv")
@@ -121,13 +111,8 @@ class Collected:
 # ----------------------------------------------------------------------------------------------
 
 def _visible_dirs(folder: Path) -> list[Path]:
-    out = []
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.name == "__MACOSX":
-            continue
-        if p.is_dir():
-            out.append(p)
-    return out
+    return [p for p in sorted(folder.iterdir())
+            if not p.name.startswith(".") and p.name != "__MACOSX" and p.is_dir()]
 
 
 def _scan_files(root: Path, max_depth: int, pattern: re.Pattern) -> list[Path]:
@@ -151,37 +136,27 @@ def _scan_files(root: Path, max_depth: int, pattern: re.Pattern) -> list[Path]:
 
 
 def _is_covidx_file(p: Path) -> bool:
+    """Whether the first non-empty line of ``p`` is a COVIDx label line."""
     try:
         with open(p, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                parts = line.split()
-                if not parts:
-                    continue
-                return _parse_covidx_line(parts) is not None
+            first = next((parts for parts in map(str.split, f) if parts), None)
     except OSError:
         return False
-    return False
-
-
-def _csv_columns(p: Path) -> list[str]:
-    try:
-        with open(p, encoding="utf-8-sig", errors="replace", newline="") as f:
-            header = next(csv.reader(f), [])
-    except OSError:
-        return []
-    return [h.strip().lower() for h in header]
+    return first is not None and _parse_covidx_line(first) is not None
 
 
 def _pick_col(cols: Sequence[str], names: Sequence[str]) -> str | None:
+    """The first of ``names`` among ``cols`` (case and surrounding spaces ignored), as spelled there."""
     low = {c.strip().lower(): c for c in cols}
-    for n in names:
-        if n in low:
-            return low[n]
-    return None
+    return next((low[n] for n in names if n in low), None)
 
 
 def _is_label_csv(p: Path) -> bool:
-    cols = _csv_columns(p)
+    try:
+        with open(p, encoding="utf-8-sig", errors="replace", newline="") as f:
+            cols = next(csv.reader(f), [])
+    except OSError:
+        return False
     return _pick_col(cols, _PATH_COLS) is not None and _pick_col(cols, _LABEL_COLS) is not None
 
 
@@ -256,6 +231,17 @@ def _unreadable_folder(quarantine: list[dict], err: OSError, fallback: Path) -> 
     quarantine.append({"path": str(err.filename or fallback), "reason": reason})
 
 
+def _skip_folder(p: Path, notes: Counter) -> bool:
+    """Mask folders and symlinked folders are not read; a note says so."""
+    if normalize_class_name(p.name) in _MASK_DIRS:
+        notes[f"skipped mask folder(s) named {p.name!r} (segmentation masks are not images to classify)"] += 1
+        return True
+    if p.is_symlink():
+        notes["symlinked folders are not followed"] += 1
+        return True
+    return False
+
+
 def _walk_class_folder(
     class_dir: Path, root: Path, cls: str, split: str | None, quarantine: list[dict], notes: Counter
 ) -> list[Item]:
@@ -267,13 +253,7 @@ def _walk_class_folder(
         keep = []
         for dn in sorted(dirnames):
             p = d / dn
-            if _is_junk(dn) or dn == "__MACOSX":
-                continue
-            if normalize_class_name(dn) in _MASK_DIRS:
-                notes[f"skipped mask folder(s) named {dn!r} (segmentation masks are not images to classify)"] += 1
-                continue
-            if p.is_symlink():
-                notes["symlinked folders are not followed"] += 1
+            if _is_junk(dn) or dn == "__MACOSX" or _skip_folder(p, notes):
                 continue
             if p.suffix.lower() in config.IMAGE_EXTENSIONS + (".dcm", ".nii", ".gz"):
                 quarantine.append({"path": str(p), "reason": "a folder named like an image file"})
@@ -314,11 +294,7 @@ def _collect_class_folders(root: Path, quarantine: list[dict], notes: Counter, s
     for p in loose:
         quarantine.append({"path": str(p), "reason": "image outside any class folder: its class is unknown"})
     for d in dirs:
-        if d.is_symlink():
-            notes["symlinked folders are not followed"] += 1
-            continue
-        if normalize_class_name(d.name) in _MASK_DIRS:
-            notes[f"skipped mask folder(s) named {d.name!r} (segmentation masks are not images to classify)"] += 1
+        if _skip_folder(d, notes):
             continue
         got = _walk_class_folder(d, base, d.name, split, quarantine, notes)
         if not got:
@@ -397,7 +373,7 @@ def _collect_covidx(root: Path, files: list[Path], quarantine, warn: list[str], 
     base = root if root.is_dir() else root.parent
     index = _index_files(base, config.IMAGE_EXTENSIONS, quarantine)
     items = []
-    numeric_map = {**COVIDX_CT_CLASSES}
+    table = alias_lookup(aliases, COVIDX_CT_CLASSES)
     for lf in files:
         m = _COVIDX_FILE.match(lf.name)
         split = SPLIT_ALIASES.get(m.group(1).lower()) if m else None
@@ -411,7 +387,7 @@ def _collect_covidx(root: Path, files: list[Path], quarantine, warn: list[str], 
                 if rec is None:
                     bad.append(lineno)
                     continue
-                hint = alias_lookup(aliases, numeric_map).get(normalize_class_name(rec["cls"]))
+                hint = table.get(normalize_class_name(rec["cls"]))
                 path, why = _pick_indexed(rec["file"], hint, index, aliases)
                 if path is None:
                     quarantine.append({"path": str(base / rec["file"]), "reason": f"{why} ({lf.name} line {lineno})"})
@@ -454,6 +430,7 @@ def _collect_csv(csv_path: Path, quarantine, warn: list[str], modality: str) -> 
         df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except Exception as e:
         raise ValueError(f"{csv_path}: not a readable CSV ({type(e).__name__}: {e})") from None
+    df = df.apply(lambda col: col.str.strip())  # every cell is a string (dtype=str)
     cols = list(df.columns)
     pc, lc = _pick_col(cols, _PATH_COLS), _pick_col(cols, _LABEL_COLS)
     if pc is None or lc is None:
@@ -465,32 +442,27 @@ def _collect_csv(csv_path: Path, quarantine, warn: list[str], modality: str) -> 
     bcols = [_pick_col(cols, (b,)) for b in config.BBOX_COLUMNS]
     mc = _pick_col(cols, ("modality",))
     if mc is not None:
-        other = sorted({v.strip().lower() for v in df[mc] if v.strip()} - {modality})
+        other = sorted({v.lower() for v in df[mc] if v} - {modality})
         if other:
             warn.append(f"{csv_path.name}: modality column holds {other} but ingest(modality={modality!r}); "
                         f"all rows are recorded as {modality!r}")
     base = csv_path.parent
     items = []
     bad_splits: Counter = Counter()
-    for i, row in enumerate(df.to_dict("records")):
-        raw = str(row[pc]).strip()
-        rowno = i + 2  # header is line 1
-        if not raw:
+    for rowno, row in enumerate(df.to_dict("records"), start=2):  # the header is line 1
+        if not row[pc]:
             quarantine.append({"path": f"{csv_path}:{rowno}", "reason": "empty path in CSV row"})
             continue
-        p = Path(raw).expanduser()
+        p = Path(row[pc]).expanduser()
         if not p.is_absolute():
             p = base / p
-        cls = str(row[lc]).strip()
-        if not cls:
+        if not row[lc]:
             quarantine.append({"path": str(p), "reason": f"empty label in CSV row {rowno}"})
             continue
-        split = None
-        if sc is not None and str(row[sc]).strip():
-            split = SPLIT_ALIASES.get(str(row[sc]).strip().lower())
-            if split is None:
-                bad_splits[str(row[sc]).strip()] += 1
-                continue
+        split = SPLIT_ALIASES.get(row[sc].lower()) if sc and row[sc] else None
+        if sc and row[sc] and split is None:
+            bad_splits[row[sc]] += 1
+            continue
         bbox = None
         if all(bcols):
             try:
@@ -504,10 +476,8 @@ def _collect_csv(csv_path: Path, quarantine, warn: list[str], modality: str) -> 
         except ValueError:
             rel = p.as_posix()
         kind = "nifti" if cimg.is_nifti_path(p) else ("dicom" if p.suffix.lower() == ".dcm" else "image")
-        items.append(Item(p, cls, rel, split=split,
-                           patient=(str(row[ic]).strip() or None) if ic else None,
-                           source=(str(row[oc]).strip() or None) if oc else None,
-                           bbox=bbox, kind=kind))
+        items.append(Item(p, row[lc], rel, split=split, patient=(row[ic] or None) if ic else None,
+                          source=(row[oc] or None) if oc else None, bbox=bbox, kind=kind))
     if bad_splits:
         raise ValueError(
             f"{csv_path}: unknown split value(s) {dict(bad_splits)}; use train / val / test "

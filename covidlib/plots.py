@@ -14,6 +14,7 @@ show :func:`covidlib.config.display_name`.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import sys
@@ -36,23 +37,15 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from covidlib import config
-from covidlib.images import to_uint8
+from covidlib.evaluate import expected_calibration_error, positive_index, reliability_curve
 from covidlib.fsutil import atomic_write_bytes
+from covidlib.images import to_uint8
 
 __all__ = [
-    "plot_class_counts",
-    "plot_samples",
-    "plot_enhancement_steps",
-    "plot_training_curves",
-    "plot_confusion_matrix",
-    "plot_confusion_matrices",
-    "plot_roc_curves",
-    "plot_reliability_diagram",
-    "plot_prediction_grid",
-    "plot_ablation",
-    "plot_threshold_sweep",
-    "plot_gradcam_grid",
-    "save_figure",
+    "plot_class_counts", "plot_samples", "plot_enhancement_steps", "plot_training_curves",
+    "plot_confusion_matrix", "plot_confusion_matrices", "plot_roc_curves",
+    "plot_reliability_diagram", "plot_prediction_grid", "plot_ablation", "plot_threshold_sweep",
+    "plot_gradcam_grid", "save_figure",
 ]
 
 DPI = 110
@@ -66,8 +59,6 @@ CLASS_COLORS: dict[str, str] = {"covid": "#d62728", "cap": "#ff7f0e", "normal": 
 # --------------------------------------------------------------------------- helpers
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = DPI) -> Path:
     """Write ``fig`` as a PNG atomically (parent folders created). Returns the path."""
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     return atomic_write_bytes(path, buf.getvalue())
@@ -83,12 +74,6 @@ def _new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (
     fig = Figure(figsize=figsize, layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
     return fig, axes
-
-
-def _sns():
-    import seaborn as sns
-
-    return sns
 
 
 def _name(label: Any) -> str:
@@ -111,8 +96,7 @@ def _show_gray(ax, img: np.ndarray) -> None:
         ax.imshow(_to_uint8(img) if img.dtype != np.uint8 else img)
     else:
         ax.imshow(_to_uint8(img), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set(xticks=[], yticks=[])
 
 
 def _require_columns(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
@@ -152,16 +136,11 @@ def _label_indices(y: Any, classes: list[str], what: str) -> np.ndarray:
     return arr
 
 
-def _positive_index(classes: list[str]) -> int:
-    """The positive class of a binary problem: covid if present, else the second class."""
-    return classes.index(config.POSITIVE_LABEL) if config.POSITIVE_LABEL in classes else 1
-
-
 def _probs_2d(probs: Any, n: int, k: int | None, what: str, classes: list[str] | None = None) -> np.ndarray:
     """(n, k) probabilities. A 1-D vector is P(positive class) of a binary problem."""
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim == 1:
-        pos = _positive_index(classes) if classes is not None else 1
+        pos = positive_index(classes) if classes is not None else 1
         p2 = np.empty((len(p), 2))
         p2[:, pos], p2[:, 1 - pos] = p, 1.0 - p
         p = p2
@@ -190,9 +169,7 @@ def plot_class_counts(manifest_df: pd.DataFrame, path: str | os.PathLike | None 
         df["split"] = "all"
     classes = config.ordered_classes(df["label"].astype(str))
     counts = pd.crosstab(df["split"].astype(str), df["label"].astype(str))
-    splits = [s for s in config.SPLITS if s in counts.index] + sorted(
-        s for s in counts.index if s not in config.SPLITS
-    )
+    splits = [s for s in config.SPLITS if s in counts.index] + sorted(set(counts.index) - set(config.SPLITS))
     counts = counts.reindex(index=splits, columns=classes, fill_value=0)
 
     fig, axes = _new_figure(figsize=(max(5.0, 1.6 * len(splits) + 2.5), 4.2))
@@ -200,13 +177,8 @@ def plot_class_counts(manifest_df: pd.DataFrame, path: str | os.PathLike | None 
     x = np.arange(len(splits))
     width = 0.8 / len(classes)
     for i, cls in enumerate(classes):
-        bars = ax.bar(
-            x + (i - (len(classes) - 1) / 2) * width,
-            counts[cls].to_numpy(),
-            width,
-            label=_name(cls),
-            color=_class_color(cls, i),
-        )
+        bars = ax.bar(x + (i - (len(classes) - 1) / 2) * width, counts[cls].to_numpy(), width,
+                      label=_name(cls), color=_class_color(cls, i))
         ax.bar_label(bars, fontsize=8, padding=1)
     ax.set_xticks(x, [f"{s}\n(n={int(counts.loc[s].sum())})" for s in splits])
     ax.set_ylabel("images")
@@ -261,8 +233,7 @@ def plot_samples(
                 _show_gray(ax, read(row["path"]))
                 caption = str(row["patient_id"]) if "patient_id" in row.index else Path(str(row["path"])).name
             except Exception as exc:  # show the failure; never drop the image silently
-                ax.set_xticks([])
-                ax.set_yticks([])
+                ax.set(xticks=[], yticks=[])
                 ax.text(0.5, 0.5, f"unreadable:\n{type(exc).__name__}", ha="center", va="center",
                         color=WRONG_COLOR, fontsize=8, transform=ax.transAxes)
                 caption = Path(str(row["path"])).name
@@ -340,13 +311,8 @@ def plot_training_curves(
     else:
         epochs = np.arange(1, len(df) + 1)
 
-    names: list[str] = []
-    for col in df.columns:
-        if col in _NOT_METRICS or not pd.api.types.is_numeric_dtype(df[col]):
-            continue
-        base = col[4:] if col.startswith("val_") else col
-        if base not in names:
-            names.append(base)
+    names = list(dict.fromkeys(col.removeprefix("val_") for col in df.columns
+                               if col not in _NOT_METRICS and pd.api.types.is_numeric_dtype(df[col])))
     lr_col = next((c for c in ("learning_rate", "lr") if c in df and pd.api.types.is_numeric_dtype(df[c])), None)
     panels = names + ([lr_col] if lr_col else [])
     if not panels:
@@ -358,8 +324,7 @@ def plot_training_curves(
     best = None
     if "val_loss" in df and df["val_loss"].notna().any():
         best = epochs[int(np.nanargmin(df["val_loss"].to_numpy(dtype=float)))]
-    for i, name in enumerate(panels):
-        ax = axes[i // ncols, i % ncols]
+    for ax, name in zip(axes.flat, panels):
         if name == lr_col:
             ax.plot(epochs, df[name], color="0.3", marker=".")
             if (df[name] > 0).all():
@@ -377,8 +342,8 @@ def plot_training_curves(
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    for j in range(len(panels), nrows * ncols):
-        axes[j // ncols, j % ncols].axis("off")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
     note = f" (dashed: best val_loss, epoch {best:g})" if best is not None else ""
     fig.suptitle((title or "Training curves") + note)
     return _finish(fig, path)
@@ -403,7 +368,8 @@ def _row_normalise(m: np.ndarray) -> np.ndarray:
 
 
 def _draw_cm(ax, m: np.ndarray, classes: list[str], normalize: bool) -> np.ndarray:
-    sns = _sns()
+    import seaborn as sns
+
     names = [_name(c) for c in classes]
     if normalize:
         data = _row_normalise(m)
@@ -411,15 +377,13 @@ def _draw_cm(ax, m: np.ndarray, classes: list[str], normalize: bool) -> np.ndarr
             [["" if np.isnan(data[i, j]) else f"{data[i, j]:.2f}\n({int(m[i, j])})" for j in range(len(classes))]
              for i in range(len(classes))]
         )
-        sns.heatmap(data, ax=ax, annot=annot, fmt="", cmap="Blues", vmin=0.0, vmax=1.0, square=True,
-                    xticklabels=names, yticklabels=names, cbar=True, annot_kws={"fontsize": 9})
-        ax.set_title("Row-normalised (recall per true class)", fontsize=10)
+        title, vmax = "Row-normalised (recall per true class)", 1.0
     else:
-        data = m
-        annot = np.vectorize(lambda v: f"{int(round(v))}")(m)
-        sns.heatmap(data, ax=ax, annot=annot, fmt="", cmap="Blues", vmin=0.0, square=True,
-                    xticklabels=names, yticklabels=names, cbar=True, annot_kws={"fontsize": 9})
-        ax.set_title("Counts", fontsize=10)
+        data, annot = m, np.vectorize(lambda v: f"{int(round(v))}")(m)
+        title, vmax = "Counts", None
+    sns.heatmap(data, ax=ax, annot=annot, fmt="", cmap="Blues", vmin=0.0, vmax=vmax, square=True,
+                xticklabels=names, yticklabels=names, cbar=True, annot_kws={"fontsize": 9})
+    ax.set_title(title, fontsize=10)
     ax.set_xlabel("Predicted")
     ax.set_ylabel("True")
     ax.tick_params(axis="y", rotation=0)
@@ -510,7 +474,7 @@ def plot_roc_curves(
     classes = _check_classes(classes, "plot_roc_curves")
     y = _label_indices(y_true, classes, "plot_roc_curves")
     p = _probs_2d(probs, len(y), len(classes), "plot_roc_curves", classes)
-    targets = [_positive_index(classes)] if len(classes) == 2 else list(range(len(classes)))
+    targets = [positive_index(classes)] if len(classes) == 2 else list(range(len(classes)))
 
     fig, axes = _new_figure(figsize=(5.6, 5.2))
     ax = axes[0, 0]
@@ -537,15 +501,6 @@ def plot_roc_curves(
     ax.set_title(title or ("ROC" if len(targets) == 1 else "ROC, one-vs-rest"))
     fig.covidlib_data = drawn
     return _finish(fig, path)
-
-
-def _reliability(y: np.ndarray, p: np.ndarray, n_bins: int) -> tuple[dict[str, np.ndarray], float]:
-    """Top-label reliability bins and ECE (covidlib.evaluate's definition)."""
-    from covidlib.evaluate import expected_calibration_error, reliability_curve
-
-    curve = reliability_curve(y, p, n_bins=n_bins)
-    curve = {k: np.asarray(curve[k], dtype=np.float64) for k in ("bin_confidence", "bin_accuracy", "bin_count")}
-    return curve, float(expected_calibration_error(y, p, n_bins=n_bins))
 
 
 def plot_reliability_diagram(
@@ -603,19 +558,18 @@ def plot_reliability_diagram(
     width = 1.0 / n_bins
     drawn = {}
     for j, (name, p, color) in enumerate(series):
-        curve, ece = _reliability(y, p, n_bins)
-        ok = (curve["bin_count"] > 0) & np.isfinite(curve["bin_accuracy"]) & np.isfinite(curve["bin_confidence"])
+        curve = {k: np.asarray(v, dtype=np.float64) for k, v in reliability_curve(y, p, n_bins).items()}
+        ece = float(expected_calibration_error(y, p, n_bins))
+        ok = curve["bin_count"] > 0  # an empty bin has no accuracy
         bc, ba = curve["bin_confidence"][ok], curve["bin_accuracy"][ok]
         label = f"{name} (ECE {ece:.3f})"
-        if j == 0:
+        if j == 0:  # uncalibrated: bars and a filled histogram
             centers = np.clip(np.floor(bc * n_bins), 0, n_bins - 1) * width + width / 2
             ax.bar(centers, ba, width=width * 0.95, color=color, alpha=0.35, edgecolor=color, label=label)
             ax.plot(bc, ba, marker="o", ms=4, color=color, lw=1)
-        else:
-            ax.plot(bc, ba, marker="s", ms=4, color=color, lw=1.8, label=label)
-        if j == 0:
             hax.hist(p.max(axis=1), bins=edges, color=color, alpha=0.45, label=name)
-        else:
+        else:  # temperature-scaled: a line and an outline
+            ax.plot(bc, ba, marker="s", ms=4, color=color, lw=1.8, label=label)
             hax.hist(p.max(axis=1), bins=edges, histtype="step", color=color, lw=1.4, label=name)
         drawn[name] = {"bin_confidence": bc, "bin_accuracy": ba, "bin_count": curve["bin_count"][ok], "ece": ece}
     ax.set_xlim(0, 1)
@@ -660,11 +614,8 @@ def plot_prediction_grid(
         The figure; the indices shown, in grid order, are ``fig.covidlib_indices`` (np.ndarray).
     """
     classes = _check_classes(classes, "plot_prediction_grid")
-    if isinstance(images, np.ndarray):
-        n_images = len(images)
-    else:
-        images = list(images)
-        n_images = len(images)
+    images = images if isinstance(images, np.ndarray) else list(images)
+    n_images = len(images)
     if n_images == 0:
         raise ValueError("plot_prediction_grid: no images")
     yt = _label_indices(y_true, classes, "plot_prediction_grid y_true")
@@ -689,20 +640,13 @@ def plot_prediction_grid(
     ncols = math.ceil(math.sqrt(m))
     nrows = math.ceil(m / ncols)
     fig, axes = _new_figure(nrows, ncols, figsize=(2.5 * ncols, 2.6 * nrows))
-    for slot in range(nrows * ncols):
-        ax = axes[slot // ncols, slot % ncols]
-        if slot >= m:
-            ax.axis("off")
-            continue
-        i = int(idx[slot])
+    for ax in axes.flat[m:]:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, idx.tolist()):
         _show_gray(ax, images[i])
-        right = yt[i] == yp[i]
-        ax.set_title(
-            f"N={i} | P={_name(classes[yp[i]])} | GT={_name(classes[yt[i]])}",
-            color=RIGHT_COLOR if right else WRONG_COLOR,
-            fontsize=7.5,
-        )
-    n_right = int(sum(yt[i] == yp[i] for i in idx))
+        ax.set_title(f"N={i} | P={_name(classes[yp[i]])} | GT={_name(classes[yt[i]])}",
+                     color=RIGHT_COLOR if yt[i] == yp[i] else WRONG_COLOR, fontsize=7.5)
+    n_right = int((yt[idx] == yp[idx]).sum())
     fig.suptitle(f"Test predictions: {n_right}/{m} right (green) / wrong (red)", fontsize=11)
     fig.covidlib_indices = np.asarray(idx, dtype=np.int64)
     return _finish(fig, path)
@@ -832,7 +776,7 @@ def plot_gradcam_grid(
     """
     from covidlib.explain import overlay_heatmap
 
-    imgs = list(images) if not isinstance(images, np.ndarray) else [images[i] for i in range(len(images))]
+    imgs = list(images)
     if not imgs:
         raise ValueError("plot_gradcam_grid: no images")
     if not heatmaps_by_model:
@@ -853,8 +797,7 @@ def plot_gradcam_grid(
         for c, name in enumerate(names, start=1):
             ax = axes[r, c]
             ax.imshow(overlay_heatmap(gray, np.asarray(heatmaps_by_model[name][r])))
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             ax.set_title(name, fontsize=8)
     fig.suptitle("Grad-CAM")
     return _finish(fig, path)

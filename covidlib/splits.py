@@ -31,14 +31,8 @@ if TYPE_CHECKING:
     from covidlib.layouts import Item
 
 __all__ = [
-    "PATIENT_PATTERNS",
-    "GROUP_COLUMN",
-    "compile_patient_pattern",
-    "set_patient_ids",
-    "group_near_duplicates",
-    "check_fractions",
-    "assign_splits",
-    "complete_splits",
+    "PATIENT_PATTERNS", "GROUP_COLUMN", "compile_patient_pattern", "set_patient_ids",
+    "group_near_duplicates", "check_fractions", "assign_splits", "complete_splits",
     "leakage_warnings",
 ]
 
@@ -238,20 +232,15 @@ def assign_splits(
         out["split"] = pd.Series(dtype=str)
         return out
     groups = out[group_col].astype(str).to_numpy()
-    labels = out[label_col].astype(str).to_numpy()
-    classes = sorted(set(labels))
-    cidx = {c: i for i, c in enumerate(classes)}
-    uniq = sorted(set(groups))
-    gpos = {g: i for i, g in enumerate(uniq)}
-    counts = np.zeros((len(uniq), len(classes)), dtype=np.int64)  # images per group x class
-    for g, lab in zip(groups, labels):
-        counts[gpos[g], cidx[lab]] += 1
+    table = pd.crosstab(groups, out[label_col].astype(str).to_numpy())  # images per group x class
+    counts = table.to_numpy(dtype=np.int64)
+    gpos = {g: i for i, g in enumerate(table.index)}
     fracs = {"train": 1.0 - val_fraction - test_fraction, "val": float(val_fraction), "test": float(test_fraction)}
     active = [s for s in ("train", "val", "test") if fracs[s] > 0]
     quota = _Quota(counts, {s: fracs[s] for s in active})
 
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(uniq))
+    order = rng.permutation(len(gpos))
     order = order[np.argsort(-quota.sizes[order], kind="stable")]  # largest first, seeded tie-break
     quota.seed_val_test(order)
     quota.fill_by_deficit(order)
@@ -379,8 +368,9 @@ def leakage_warnings(df: pd.DataFrame, val_fraction: float, test_fraction: float
             f"{len(dup_straddle)} near-duplicate cluster(s) straddle the data set's given splits: possible "
             "copies of one image in train and val/test (the given splits are kept; inspect with the audit)"
         )
-    missing = [(s, c) for s in config.SPLITS for c in sorted(set(df["label"]))
-               if not ((df["split"] == s) & (df["label"] == c)).any() and (df["split"] == s).any()]
+    per_split = pd.crosstab(df["split"], df["label"])
+    missing = [(s, c) for s in config.SPLITS if s in per_split.index for c in sorted(per_split.columns)
+               if per_split.at[s, c] == 0]
     if missing:
         warn.append(f"class(es) absent from a split (too few patients?): {missing}")
     # A whole split can end up empty too (the check above only looks at splits that exist).

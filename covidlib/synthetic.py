@@ -21,8 +21,7 @@ X-rays (classes ``covid`` / ``non_covid``): a frontal chest radiograph look. ``c
 bilateral peripheral lower-zone hazy opacities; ``non_covid`` is a mix of clear lungs and
 unilateral focal opacities, so "any opacity" is not the answer.
 
-Only numpy and OpenCV are used; generation is vectorised enough that the default CT set
-(3 classes x 12 patients x 6 slices at 128 px) takes well under a second.
+Pictures are drawn with numpy and OpenCV only.
 """
 from __future__ import annotations
 
@@ -35,6 +34,7 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+import pandas as pd
 
 from covidlib.config import MANIFEST_COLUMNS, SPLITS
 from covidlib.fsutil import atomic_write_bytes
@@ -630,14 +630,10 @@ def _remove_previous(root: Path) -> None:
     """Delete only files an earlier call wrote (listed in its labels.csv), then empty dirs."""
     labels = root / "labels.csv"
     if labels.exists():
-        import pandas as pd
-
         try:
             old = pd.read_csv(labels)
+            paths = list(old["path"].astype(str)) if "path" in old else []
         except Exception:  # a torn labels.csv: fall back to our own naming pattern
-            old = None
-        paths = [] if old is None or "path" not in old else list(old["path"].astype(str))
-        if old is None:
             paths = [str(p.relative_to(root)) for s in SPLITS for p in (root / s).glob("*/*_[0-9][0-9][0-9].png")]
         for rel in paths:
             p = root / rel
@@ -687,8 +683,6 @@ def write_synthetic_dataset(
         ValueError: on bad parameters, or if ``root`` holds a ``labels.csv`` this function
             did not write (user data is never overwritten).
     """
-    import pandas as pd
-
     classes = classes_for(modality)
     _check_size(size)
     if slices_per_patient is None:
@@ -736,8 +730,6 @@ def _reuse_or_clear(root: Path, params: dict) -> bool:
     Raises:
         ValueError: ``root`` holds a ``labels.csv`` this function did not write.
     """
-    import pandas as pd
-
     labels_path = root / "labels.csv"
     meta_path = root / "synthetic.json"
     if meta_path.exists():
@@ -762,13 +754,9 @@ def _reuse_or_clear(root: Path, params: dict) -> bool:
 
 def _patient_splits(seed: int, modality: str, ci: int, n_patients: int, counts: list[int]) -> np.ndarray:
     """The split of each patient of class number ``ci`` (seeded, whole patients)."""
-    split_rng = np.random.default_rng([seed, _MODALITY_CODE[modality], ci, 999])
-    order = split_rng.permutation(n_patients)
+    order = np.random.default_rng([seed, _MODALITY_CODE[modality], ci, 999]).permutation(n_patients)
     patient_split = np.empty(n_patients, dtype=object)
-    start = 0
-    for s, c in zip(SPLITS, counts):
-        patient_split[order[start:start + c]] = s
-        start += c
+    patient_split[order] = np.repeat(SPLITS, counts)  # the counts sum to n_patients
     return patient_split
 
 

@@ -136,22 +136,21 @@ def _use_patient_id_tag(series: list[tuple[str, list[tuple[Item, Any]]]]) -> boo
             and len({next(iter(p)) for p in pids}) > 1)
 
 
-def _dicom_frames(it: Item, dst: Path, conv_root: Path, key: str, idx: int) -> list[Path]:
-    """Write one DICOM file's frame(s) as PNG (unless fresh ones exist); their paths.
+def _dicom_frames(it: Item, dst: Path) -> list[Path]:
+    """Write one DICOM file's frame(s) as PNG (``dst``, or ``<dst stem>_f<k>.png`` for a
+    multi-frame file) unless a fresh single-frame PNG exists; their paths.
 
     Raises:
         covidlib.images.ImageReadError, OSError: unreadable file, or a slice that cannot be written.
     """
-    if not _fresh(dst, it.path):
-        frames = cimg.read_volume(it.path)  # handles single- and multi-frame DICOM
-        if len(frames) == 1:
-            _atomic_write_png(dst, frames[0])
-        else:
-            for f_i, fr in enumerate(frames):
-                _atomic_write_png(dst.with_name(f"{dst.stem}_f{f_i:04d}.png"), fr)
-            dst = None
-    return [dst] if dst is not None else sorted(
-        (conv_root / key).glob(f"{idx:04d}_{slug(it.path.stem)}_f*.png"))
+    if _fresh(dst, it.path):
+        return [dst]
+    frames = cimg.read_volume(it.path)  # handles single- and multi-frame DICOM
+    paths = [dst] if len(frames) == 1 else [
+        dst.with_name(f"{dst.stem}_f{k:04d}.png") for k in range(len(frames))]
+    for p, frame in zip(paths, frames):
+        _atomic_write_png(p, frame)
+    return paths
 
 
 def _convert_dicom(series: list[tuple[str, list[tuple[Item, Any]]]], conv_root: Path,
@@ -167,7 +166,7 @@ def _convert_dicom(series: list[tuple[str, list[tuple[Item, Any]]]], conv_root: 
         for idx, (it, _) in enumerate(members):
             dst = conv_root / key / f"{idx:04d}_{slug(it.path.stem)}.png"
             try:
-                frame_paths = _dicom_frames(it, dst, conv_root, key, idx)
+                frame_paths = _dicom_frames(it, dst)
             except cimg.ImageReadError as e:
                 quarantine.append({"path": str(it.path), "reason": e.reason})
                 continue
@@ -194,7 +193,7 @@ def _nifti_slices(it: Item, vdir: Path, notes: list[str]) -> list[Path]:
         covidlib.images.ImageReadError, OSError: unreadable volume, or a slice that cannot be written.
     """
     existing = sorted(vdir.glob("z*.png")) if vdir.exists() else []
-    if existing and all(_fresh(p, it.path) for p in existing[:1]):
+    if existing and _fresh(existing[0], it.path):
         return existing
     with _warnings.catch_warnings(record=True) as caught:
         _warnings.simplefilter("always")
