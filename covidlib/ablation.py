@@ -38,6 +38,7 @@ import pandas as pd
 
 from covidlib import enhance, evaluate
 from covidlib.fsutil import atomic_write_bytes
+from covidlib.runner import NOTEBOOK_DEFAULT, fill_defaults
 
 BASELINE = "none"
 # AUC decides: it needs no threshold. Accuracy (argmax) is reported next to it.
@@ -46,8 +47,6 @@ LEVEL_METRICS: tuple[str, ...] = ("auc_macro", "accuracy", "f1_macro")
 DIFF_METRICS: tuple[str, ...] = ("auc_macro", "accuracy")
 NO_DIFFERENCE = "no difference (95% CI of the paired difference contains 0)"
 UNDETERMINED = "undetermined (the paired difference has no CI)"
-DEFAULT_PIPELINES: tuple[str, ...] = ("none", "crop", "crop+wb", "crop+clahe", "crop+wb+clahe",
-                                      "crop+dct+wb+clahe")
 COLUMNS: tuple[str, ...] = (
     "pipeline", "verdict_vs_none", "verdict_metric",
     *(f"{m}{s}" for m in DIFF_METRICS for s in ("_diff_vs_none", "_diff_lo", "_diff_hi")),
@@ -278,15 +277,15 @@ def tabulate(predictions: Mapping[str, Sequence[pd.DataFrame]], classes: Sequenc
 
 def run_ablation(
     run_dir: str | os.PathLike,
-    pipelines: Sequence[str] = DEFAULT_PIPELINES,
+    pipelines: Sequence[str] = NOTEBOOK_DEFAULT,
     *,
-    backbone: str = "SmallCNN",
+    backbone: str = NOTEBOOK_DEFAULT,
     modality: str = "ct",
-    img_size: int = 64,
-    epochs: int = 5,
-    batch_size: int = 32,
-    seeds: Sequence[int] = (0, 1, 2),
-    n_boot: int = 1000,
+    img_size: int = NOTEBOOK_DEFAULT,
+    epochs: int = NOTEBOOK_DEFAULT,
+    batch_size: int = NOTEBOOK_DEFAULT,
+    seeds: Sequence[int] = NOTEBOOK_DEFAULT,
+    n_boot: int = NOTEBOOK_DEFAULT,
     boot_seed: int = 0,
     weights: str | None = None,
 ) -> pd.DataFrame:
@@ -306,10 +305,20 @@ def run_ablation(
         n_boot: bootstrap replicates.
         boot_seed: bootstrap seed.
 
+    Keywords left out take notebook 02's parameters (``ABLATION_PIPELINES``,
+    ``ABLATION_BACKBONE``, ``IMG_SIZE``, ``ABLATION_EPOCHS``, ``BATCH_SIZE``, ``ABLATION_SEEDS``,
+    ``N_BOOT``), so the library and the notebook share one default.
+
     Raises:
         ValueError: unknown or repeated pipelines, or no / repeated seeds.
     """
-    pipelines, seeds = list(pipelines), [int(s) for s in seeds]
+    kw = fill_defaults("ablation", dict(pipelines=pipelines, backbone=backbone, img_size=img_size,
+                                        epochs=epochs, batch_size=batch_size, seeds=seeds,
+                                        n_boot=n_boot),
+                       {k: f"ABLATION_{k.upper()}" for k in ("pipelines", "backbone", "epochs", "seeds")})
+    backbone, img_size, epochs = kw["backbone"], kw["img_size"], kw["epochs"]
+    batch_size, n_boot = kw["batch_size"], kw["n_boot"]
+    pipelines, seeds = list(kw["pipelines"]), [int(s) for s in kw["seeds"]]
     unknown = [p for p in pipelines if p not in enhance.PIPELINES]
     if unknown:
         raise ValueError(f"unknown pipeline(s) {unknown}; choose from {list(enhance.PIPELINES)}")

@@ -1,7 +1,7 @@
 """The ``covidlib`` command (also ``python -m covidlib``).
 
 Sub-commands: ``run`` (the whole notebook pipeline through papermill), ``notebooks`` (copy them
-for JupyterLab), ``download``, ``audit``, ``enhance``, ``train``, ``evaluate``, ``predict``,
+for JupyterLab), ``download``, ``audit``, ``enhance``, ``pretrain``, ``train``, ``evaluate``, ``predict``,
 ``export``. Each is a ``cmd_<name>`` function (what it does) and an ``_add_<name>`` function (its
 options), listed in :data:`SUBCOMMANDS`. Heavy libraries are imported only by the sub-command that
 needs them, so ``--help`` answers at once.
@@ -450,9 +450,63 @@ def _add_export(sub: _Subparsers) -> None:
 
 # The sub-commands in the order --help lists them. A new one is a cmd_<name> function, an
 # _add_<name> function that adds its parser, and one entry here.
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Self-supervised pretraining of one backbone; prints where the weights went."""
+    from covidlib.pretrain import pretrain_backbone, read_record
+
+    splits = None if [s.lower() for s in args.splits] == ["all"] else args.splits
+    out = pretrain_backbone(
+        args.sources, args.out, splits=splits, modality=args.modality, cache_dir=args.cache_dir,
+        overwrite=args.overwrite, verbose=2 if args.quiet else "auto",
+        allow_inside_input=args.allow_inside_input, backbone=args.backbone, img_size=args.img_size,
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
+        init_weights=args.init_weights)
+    rec = read_record(out)
+    last = rec["history"][-1] if rec.get("history") else {}
+    print(f"{out}  ({rec['backbone']}, {rec['img_size']} px, {rec['n_images']} images, "
+          f"{rec['epochs']} epochs, loss {last.get('loss', float('nan')):.3f}, "
+          f"z_std {last.get('z_std', float('nan')):.4f} of a healthy ~{rec['z_std_healthy']:.4f})")
+    if rec.get("unreadable"):
+        print(f"  {len(rec['unreadable'])} unreadable file(s) left out; see "
+              f"{out.name[:-len('.weights.h5')]}.pretrain.json")
+    print(f"  train with: covidlib train --weights {out.parent} ... (or WEIGHTS={str(out.parent)!r})")
+    return 0
+
+
+def _add_pretrain(sub: _Subparsers) -> None:
+    from covidlib import config
+    from covidlib.pretrain import PretrainConfig
+
+    d = PretrainConfig()
+    p = sub.add_parser(
+        "pretrain", help="self-supervised (SimSiam) pretraining of a backbone on unlabelled images",
+        description="Pretrain a backbone with SimSiam on unlabelled images (folders, image files or "
+                    "manifest CSVs: their train rows only) and write <out>/<BACKBONE>.weights.h5 "
+                    "plus a .pretrain.json record; train with --weights <out> (or WEIGHTS=<out>). "
+                    "Resumes after a kill; a finished identical run is reused.")
+    p.add_argument("sources", nargs="+", metavar="SRC", help="folders, image files or manifest CSVs")
+    p.add_argument("--out", required=True, help="a weights file *.weights.h5, or a folder")
+    p.add_argument("--backbone", default=d.backbone, help=f"default {d.backbone}")
+    p.add_argument("--img-size", type=int, default=d.img_size, help=f"default {d.img_size}")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=float, default=d.learning_rate,
+                   help=f"peak SGD learning rate, cosine decay (default {d.learning_rate})")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--init-weights", help="start from imagenet or a weights file (default: random)")
+    p.add_argument("--splits", nargs="+", default=["train"],
+                   help="manifest splits to use (default: train); 'all' uses every row")
+    p.add_argument("--modality", choices=list(config.MODALITIES), help="manifest rows of this modality only")
+    p.add_argument("--cache-dir", help="decoded-image cache (default <out folder>/.pretrain-cache)")
+    p.add_argument("--overwrite", action="store_true", help="pretrain again even if finished")
+    p.add_argument("--quiet", action="store_true", help="one line per epoch, no progress bar")
+    _allow_inside_input_arg(p)
+    p.set_defaults(func=cmd_pretrain)
+
+
 SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
-    _add_run, _add_notebooks, _add_download, _add_audit, _add_enhance, _add_train, _add_evaluate,
-    _add_predict, _add_export)
+    _add_run, _add_notebooks, _add_download, _add_audit, _add_enhance, _add_pretrain, _add_train,
+    _add_evaluate, _add_predict, _add_export)
 
 
 def build_parser() -> argparse.ArgumentParser:

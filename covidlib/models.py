@@ -12,6 +12,7 @@ Layer chain (linear, relied on by :mod:`covidlib.explain`)::
 from __future__ import annotations
 
 import functools
+import json
 import numbers
 import os
 import socket
@@ -262,8 +263,9 @@ def build_backbone(backbone: str, img_size: int, weights: str | None = None,
     Args:
         backbone: a name from :data:`BACKBONES`.
         img_size: square input size in pixels (>= 32).
-        weights: ``"imagenet"``, ``None`` (random init), or a path to a weights file for this
-            backbone (``.weights.h5`` or Keras ``.h5``).
+        weights: ``"imagenet"``, ``None`` (random init), a path to a weights file for this
+            backbone (``.weights.h5`` or Keras ``.h5``), or a folder holding ``<backbone>.weights.h5``
+            (:func:`resolve_weights_file`; what ``covidlib pretrain`` writes).
         bn_momentum: when training from scratch, batch-norm momentum to use instead of the
             Keras default (0.99 / MobileNetV2's 0.999): with a few hundred steps the moving
             statistics otherwise lag far behind the fast-changing weights and every prediction
@@ -273,15 +275,19 @@ def build_backbone(backbone: str, img_size: int, weights: str | None = None,
 
     Raises:
         WeightsUnavailableError: ImageNet weights are not cached and cannot be downloaded.
-        FileNotFoundError: ``weights`` is a path that does not exist.
+        FileNotFoundError: ``weights`` is a path that does not exist, or a folder without
+            ``<backbone>.weights.h5``.
+        ValueError: the file was pretrained for another backbone or input size.
     """
     spec = _spec(backbone)
     if img_size < 32:
         raise ValueError(f"img_size must be >= 32 for {backbone}, got {img_size}")
+    if weights not in (None, "imagenet"):
+        weights = str(resolve_weights_file(weights, backbone, img_size))
     if backbone == "SmallCNN":
         model = _small_cnn(img_size, bn_momentum)
         if weights not in (None, "imagenet"):
-            model.load_weights(_existing_path(weights))
+            model.load_weights(weights)
         elif weights == "imagenet":
             raise ValueError("SmallCNN has no ImageNet weights; use weights=None")
         return model
@@ -293,7 +299,7 @@ def build_backbone(backbone: str, img_size: int, weights: str | None = None,
     elif weights == "imagenet":
         model = _build_with_imagenet(ctor, kwargs, backbone, img_size)
     else:
-        path = _existing_path(weights)
+        path = Path(weights)
         model = ctor(weights=None, **kwargs)
         try:
             model.load_weights(str(path))
@@ -305,13 +311,59 @@ def build_backbone(backbone: str, img_size: int, weights: str | None = None,
     return model
 
 
-def _existing_path(weights: str | os.PathLike) -> Path:
+def pretrain_meta_path(weights_file: str | os.PathLike) -> Path:
+    """The JSON :mod:`covidlib.pretrain` writes beside a weights file: ``X.weights.h5`` -> ``X.pretrain.json``."""
+    path = Path(weights_file)
+    stem = path.name[: -len(".weights.h5")] if path.name.endswith(".weights.h5") else path.stem
+    return path.with_name(stem + ".pretrain.json")
+
+
+def resolve_weights_file(weights: str | os.PathLike, backbone: str, img_size: int) -> Path:
+    """The weights file ``weights`` names for ``backbone``, checked against its pretraining record.
+
+    A folder (one ``covidlib pretrain`` run per backbone, e.g. ``RUN_DIR/pretrain``) resolves to
+    ``<folder>/<backbone>.weights.h5``. When :func:`pretrain_meta_path` exists beside the file, its
+    backbone and input size must be this model's: the file would otherwise load into the wrong
+    layers, or give features learned at another scale than the one being trained.
+
+    Raises:
+        FileNotFoundError: no such file or folder, or the folder lacks ``<backbone>.weights.h5``.
+        ValueError: the pretraining record names another backbone or input size, or is unreadable.
+    """
     path = Path(weights).expanduser()
-    if not path.is_file():
+    if path.is_dir():
+        want = path / f"{backbone}.weights.h5"
+        if not want.is_file():
+            found = sorted(p.name for p in path.glob("*.weights.h5"))
+            raise FileNotFoundError(
+                f"WEIGHTS folder {path} has no {want.name} for backbone {backbone} (it holds "
+                f"{found or 'no .weights.h5 file'}); pretrain it with: covidlib pretrain <images> "
+                f"--backbone {backbone} --img-size {img_size} --out {path}")
+        path = want
+    elif not path.is_file():
         raise FileNotFoundError(
-            f"weights file {path} does not exist; WEIGHTS must be 'imagenet', None or a path to a file"
-        )
+            f"weights file {path} does not exist; WEIGHTS must be 'imagenet', None, a path to a "
+            "weights file or a folder of <backbone>.weights.h5 files")
+    _check_pretrain_record(path, backbone, img_size)
     return path
+
+
+def _check_pretrain_record(path: Path, backbone: str, img_size: int) -> None:
+    meta_path = pretrain_meta_path(path)
+    if not meta_path.is_file():
+        return  # not from covidlib pretrain (e.g. an ImageNet file): the load itself checks it
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        got_backbone, got_size = str(meta["backbone"]), int(meta["img_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{meta_path}: unreadable pretraining record of {path.name} ({exc})") from None
+    if got_backbone != backbone:
+        raise ValueError(f"{path} holds {got_backbone} weights (see {meta_path.name}), not {backbone}; "
+                         f"expected a file pretrained with --backbone {backbone}")
+    if got_size != int(img_size):
+        raise ValueError(f"{path} was pretrained at {got_size} px (see {meta_path.name}) but this "
+                         f"{backbone} takes {img_size} px; pretrain again with --img-size {img_size} "
+                         f"(or train at IMG_SIZE {got_size})")
 
 
 def _build_with_imagenet(ctor, kwargs: dict, backbone: str, img_size: int) -> keras.Model:

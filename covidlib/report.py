@@ -28,6 +28,7 @@ import pandas as pd
 
 from covidlib import cascade, config, ensemble, evaluate, plots
 from covidlib.fsutil import atomic_write_text
+from covidlib.runner import NOTEBOOK_DEFAULT, fill_defaults
 
 
 @dataclass
@@ -386,23 +387,24 @@ def evaluate_run(
     *,
     backbones: Sequence[str],
     xray_backbone: str | None,
-    vote: str = "hard",
-    cohort: str | os.PathLike | None = None,
-    phase1_threshold: float = 0.5,
-    uncertainty_band: float = 0.15,
-    clinical_flag_rate: float = 0.1,
-    n_boot: int = 1000,
-    seed: int = 0,
-    gradcam_images: int = 4,
+    vote: str = NOTEBOOK_DEFAULT,
+    cohort: str | os.PathLike | None = NOTEBOOK_DEFAULT,
+    phase1_threshold: float = NOTEBOOK_DEFAULT,
+    uncertainty_band: float = NOTEBOOK_DEFAULT,
+    clinical_flag_rate: float = NOTEBOOK_DEFAULT,
+    n_boot: int = NOTEBOOK_DEFAULT,
+    seed: int = NOTEBOOK_DEFAULT,
+    gradcam_images: int = NOTEBOOK_DEFAULT,
     save_ensemble: bool = True,
-    external_dataset: str | os.PathLike | None = None,
-    patient_pattern: str | None = None,
+    external_dataset: str | os.PathLike | None = NOTEBOOK_DEFAULT,
+    patient_pattern: str | None = NOTEBOOK_DEFAULT,
 ) -> RunEvaluation:
     """Every step of :class:`RunReport` in order (``covidlib evaluate``; notebook 04 runs them
     one cell each).
 
-    ``backbones`` and ``xray_backbone`` have no library default: the defaults live in notebook 04's
-    parameters (which ``covidlib evaluate`` reads), so the two entry points cannot disagree.
+    ``backbones`` and ``xray_backbone`` are required; every other keyword left out takes notebook
+    04's parameter value (``n_boot`` -> ``N_BOOT``, ``patient_pattern`` ->
+    ``EXTERNAL_PATIENT_PATTERN``), so the library, the CLI and the notebook cannot disagree.
 
     Args:
         run_dir: the run folder (``models/<NAME>/`` inside).
@@ -422,16 +424,21 @@ def evaluate_run(
             models and their vote on, every image of it; see :func:`external_validation`.
         patient_pattern: patient-id regex for ``external_dataset``.
     """
-    rep = RunReport(Path(run_dir), list(backbones), vote, n_boot, seed)
+    kw = fill_defaults("evaluate", dict(
+        vote=vote, cohort=cohort, phase1_threshold=phase1_threshold,
+        uncertainty_band=uncertainty_band, clinical_flag_rate=clinical_flag_rate, n_boot=n_boot,
+        seed=seed, gradcam_images=gradcam_images, external_dataset=external_dataset,
+        patient_pattern=patient_pattern), {"patient_pattern": "EXTERNAL_PATIENT_PATTERN"})
+    rep = RunReport(Path(run_dir), list(backbones), kw["vote"], kw["n_boot"], kw["seed"])
     rep.member_metrics()
     rep.vote()
-    rep.two_phase(xray_backbone, cohort=cohort, threshold=phase1_threshold,
-                  band=uncertainty_band, flag_rate=clinical_flag_rate)
+    rep.two_phase(xray_backbone, cohort=kw["cohort"], threshold=kw["phase1_threshold"],
+                  band=kw["uncertainty_band"], flag_rate=kw["clinical_flag_rate"])
     rep.calibration()
     rep.figures_and_grid()
-    rep.gradcam(gradcam_images)
-    if external_dataset:
-        rep.external(external_dataset, patient_pattern)
+    rep.gradcam(kw["gradcam_images"])
+    if kw["external_dataset"]:
+        rep.external(kw["external_dataset"], kw["patient_pattern"])
     return rep.write(save_ensemble=save_ensemble)
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from covidlib import config
+from covidlib.fsutil import atomic_write_bytes, stderr_to
 
 NOTEBOOKS = {
     "data": "01_download_data.ipynb",
@@ -67,8 +68,6 @@ def copy_notebooks(dest: str | os.PathLike, *, overwrite: bool = False) -> dict[
     if dest.exists() and not dest.is_dir():
         raise NotADirectoryError(f"{dest} exists and is not a folder")
     dest.mkdir(parents=True, exist_ok=True)
-    from covidlib.fsutil import atomic_write_bytes
-
     out: dict[str, list[Path]] = {"copied": [], "kept": [], "unchanged": []}
     for name in NOTEBOOKS.values():
         data = (notebooks_dir() / name).read_bytes()
@@ -127,6 +126,40 @@ def default_parameters(step: str, nb_dir: Path | None = None) -> dict[str, Any]:
     if step not in NOTEBOOKS:
         raise ValueError(f"unknown notebook step {step!r}; choose one of {list(NOTEBOOKS)}")
     return notebook_parameters((nb_dir or notebooks_dir()) / NOTEBOOKS[step])
+
+
+class _NotebookDefault:
+    """Marks a library keyword whose default is a notebook's parameter (see :func:`fill_defaults`)."""
+
+    def __repr__(self) -> str:
+        return "<the notebook's default>"
+
+
+NOTEBOOK_DEFAULT = _NotebookDefault()
+
+
+def fill_defaults(step: str, values: Mapping[str, Any], names: Mapping[str, str] | None = None
+                  ) -> dict[str, Any]:
+    """``values`` with each :data:`NOTEBOOK_DEFAULT` replaced by notebook ``step``'s parameter.
+
+    A keyword ``n_boot`` reads the parameter ``N_BOOT`` unless ``names`` maps it elsewhere, so a
+    library function and its notebook share one default.
+    """
+    names = names or {}
+    defaults: dict[str, Any] | None = None
+    out = dict(values)
+    for key, value in values.items():
+        if value is NOTEBOOK_DEFAULT:
+            defaults = defaults if defaults is not None else default_parameters(step)
+            out[key] = defaults[names.get(key, key.upper())]
+    return out
+
+
+def notebook_field(step: str, name: str) -> Any:
+    """A dataclass field whose default is notebook ``step``'s parameter ``name`` (read when used)."""
+    from dataclasses import field
+
+    return field(default_factory=lambda: default_parameters(step)[name])
 
 
 def parse_value(text: str) -> Any:
@@ -319,8 +352,11 @@ def rules() -> dict[str, Rule]:
                               [v] if isinstance(v, str) else v)),
         "MODALITY": _choice(config.MODALITIES), "ENHANCEMENT": _choice(list(PIPELINES)),
         "EPOCHS": _int_min(1), "FINE_TUNE_EPOCHS": _int_min(0), "PATIENCE": _int_min(0),
-        "WEIGHTS": _string("None, 'imagenet' or an existing weights file",
-                           lambda v: v == "imagenet" or _existing_file(v)),
+        "WEIGHTS": _string("None, 'imagenet', an existing weights file or a folder of "
+                           "<backbone>.weights.h5 files (covidlib pretrain --out)",
+                           lambda v: v == "imagenet" or Path(v).expanduser().is_dir()
+                           or _existing_file(v)),
+        "PRETRAIN_EPOCHS": _int_min(0, " (0 = no self-supervised pretraining)"),
         "HEAD": _choice(_static_names("models", "HEADS")),
         "LEARNING_RATE": positive, "FINE_TUNE_LR": positive,
         "UNFREEZE": Rule("'all' or an integer >= 1", typed=True,
@@ -445,6 +481,10 @@ def _cross_problems(v: Mapping[str, Any]) -> list[str]:
     trained = [trained] if isinstance(trained, str) else list(trained or [])
     if v.get("XRAY_DATASET"):
         trained.append(v.get("XRAY_BACKBONE"))
+    if v.get("PRETRAIN_EPOCHS") and v.get("DISTRIBUTE") == "multiworker":
+        out.append(f"PRETRAIN_EPOCHS={v['PRETRAIN_EPOCHS']!r} with DISTRIBUTE='multiworker': every "
+                   "worker would pretrain into the same folder; run covidlib pretrain once first "
+                   "and pass WEIGHTS=<its folder>")
     if v.get("WEIGHTS") == "imagenet" and "SmallCNN" in trained:
         out.append("WEIGHTS='imagenet': SmallCNN (in BACKBONES or XRAY_BACKBONE) has no ImageNet "
                    "weights; expected None, or backbones other than SmallCNN")
@@ -540,9 +580,13 @@ def describe_step(label: str, params: dict[str, Any], defaults: dict[str, Any]) 
                 f"({len(pipes)} pipelines x {len(seeds)} seeds), {v['IMG_SIZE']} px, "
                 f"{v['ABLATION_EPOCHS']} epochs each (ABLATION_EPOCHS)")
     if label.startswith("03_"):
-        tune = f" + {v['FINE_TUNE_EPOCHS']} fine-tune" if v.get("WEIGHTS") and v["FINE_TUNE_EPOCHS"] else ""
+        pretrain = v.get("PRETRAIN_EPOCHS", 0)
+        tune = (f" + {v['FINE_TUNE_EPOCHS']} fine-tune"
+                if (v.get("WEIGHTS") or pretrain) and v["FINE_TUNE_EPOCHS"] else "")
+        weights = (f"SimSiam-pretrained here for {pretrain} epochs" if pretrain
+                   else f"weights {v['WEIGHTS']}")
         return (f"trains {v['BACKBONE']} on {v['MODALITY']}, {v['IMG_SIZE']} px, up to {v['EPOCHS']} epochs"
-                f"{tune}, weights {v['WEIGHTS']}, enhancement {v['ENHANCEMENT']}")
+                f"{tune}, {weights}, enhancement {v['ENHANCEMENT']}")
     if label.startswith("04_"):
         return (f"evaluates {', '.join(v['BACKBONES'])} and their {v['VOTE']} vote; "
                 f"phase 1 xray_{v['XRAY_BACKBONE']}")
@@ -559,31 +603,10 @@ def _resolve_local_paths(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@contextlib.contextmanager
-def _stderr_to(path: Path | None):
-    """Send this process's and its children's stderr (fd 2) to ``path`` while the block runs.
-
-    Kernels inherit fd 2: TensorFlow's C++ start-up lines, IPKernelApp warnings and asyncio
-    shutdown notes land in the log instead of the console. Errors are still raised and reported.
-    """
-    if path is None:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(path, "ab") as log:
-        os.dup2(log.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 def _execute(label: str, path: Path, out: Path, nb_params: dict, *, progress: bool,
              kernel_name: str | None, verbose: bool, console,
              extra_env: Mapping[str, str] | None = None) -> None:
+    """Run one notebook with papermill in this process; a failed cell raises :class:`NotebookError`."""
     import papermill as pm
 
     bar = {"desc": label, "file": console, "ncols": 90, "leave": True} if progress else False
@@ -591,7 +614,9 @@ def _execute(label: str, path: Path, out: Path, nb_params: dict, *, progress: bo
     previous = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        with _stderr_to(None if verbose else out.with_suffix(".stderr.log")):
+        # Kernels inherit fd 2: TensorFlow's C++ start-up lines, IPKernelApp warnings and
+        # asyncio shutdown notes land in the log instead of the console.
+        with stderr_to(None if verbose else out.with_suffix(".stderr.log")):
             # Kernels run in the user's working folder: relative paths mean what the user meant.
             pm.execute_notebook(str(path), str(out), parameters=nb_params, progress_bar=bar,
                                 kernel_name=kernel_name, cwd=os.getcwd(), log_output=verbose)
@@ -947,8 +972,6 @@ def summary_lines(run_dir: Path) -> list[str]:
     path = run_dir / "evaluation.json"
     if not path.is_file():
         return []
-    import json
-
     ev = json.loads(path.read_text())
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     lines = [f"  test split, {ev.get('n_test')} images: accuracy, macro AUC"]

@@ -27,20 +27,11 @@ from covidlib.fsutil import atomic_write_text
 from covidlib.arraystore import ArrayLoader, ArrayStore, build_store, class_weights, manifest_fingerprint
 from covidlib.callbacks import (BestWeights, BudgetedBackupAndRestore, EpochTensorBoard,
                                 PhaseCSVLogger, load_best_weights, read_backup, restore_backup)
-from covidlib.models import build_model, check_unfreeze, set_backbone_trainable
+from covidlib.models import build_model, check_unfreeze, resolve_weights_file, set_backbone_trainable
+from covidlib.runner import notebook_field
 
 # Best weights by validation AUC (numpy .npz of model.get_weights(), see BestWeights).
 BEST_WEIGHTS = "best.weights.npz"
-
-
-def _notebook_default(name: str) -> Any:
-    """A field whose default is notebook 03's parameter ``name``: defaults live in one place."""
-    def factory() -> Any:
-        from covidlib.runner import default_parameters
-
-        return default_parameters("train")[name]
-
-    return field(default_factory=factory)
 
 
 @dataclass
@@ -83,26 +74,26 @@ class TrainConfig:
         name: run name (default: the backbone, or ``xray_<backbone>``).
     """
 
-    backbone: str = _notebook_default("BACKBONE")
-    modality: str = _notebook_default("MODALITY")
-    img_size: int = _notebook_default("IMG_SIZE")
-    epochs: int = _notebook_default("EPOCHS")
-    fine_tune_epochs: int = _notebook_default("FINE_TUNE_EPOCHS")
-    batch_size: int = _notebook_default("BATCH_SIZE")
-    weights: str | None = _notebook_default("WEIGHTS")
-    head: str = _notebook_default("HEAD")
+    backbone: str = notebook_field("train", "BACKBONE")
+    modality: str = notebook_field("train", "MODALITY")
+    img_size: int = notebook_field("train", "IMG_SIZE")
+    epochs: int = notebook_field("train", "EPOCHS")
+    fine_tune_epochs: int = notebook_field("train", "FINE_TUNE_EPOCHS")
+    batch_size: int = notebook_field("train", "BATCH_SIZE")
+    weights: str | None = notebook_field("train", "WEIGHTS")
+    head: str = notebook_field("train", "HEAD")
     dropout: float = 0.3
-    learning_rate: float = _notebook_default("LEARNING_RATE")
-    fine_tune_lr: float = _notebook_default("FINE_TUNE_LR")
-    unfreeze: str | int = _notebook_default("UNFREEZE")
-    imbalance: str = _notebook_default("IMBALANCE")
+    learning_rate: float = notebook_field("train", "LEARNING_RATE")
+    fine_tune_lr: float = notebook_field("train", "FINE_TUNE_LR")
+    unfreeze: str | int = notebook_field("train", "UNFREEZE")
+    imbalance: str = notebook_field("train", "IMBALANCE")
     augment: bool = True
-    patience: int = _notebook_default("PATIENCE")
-    seed: int = _notebook_default("SEED")
+    patience: int = notebook_field("train", "PATIENCE")
+    seed: int = notebook_field("train", "SEED")
     bn_momentum: float = 0.5
     mixed_precision: str = "auto"
     jit_compile: str = "auto"
-    distribute: str = _notebook_default("DISTRIBUTE")
+    distribute: str = notebook_field("train", "DISTRIBUTE")
     tensorboard: bool = True
     enhancement: dict = field(default_factory=lambda: {"name": "none"})
     name: str | None = None
@@ -132,6 +123,8 @@ class TrainConfig:
             raise ValueError("fine_tune_epochs and patience must be >= 0")
         # Checked here, not when phase 2 starts: a bad value must not cost a trained phase 1.
         check_unfreeze(self.unfreeze, self.backbone)
+        if self.weights not in (None, "imagenet"):  # before the images are enhanced and stored
+            resolve_weights_file(self.weights, self.backbone, self.img_size)
         distribute.check_choice(self.distribute, keras.backend.backend())
         if self.jit_compile == "on" and self.distribute in ("mirrored", "multiworker"):
             raise ValueError("jit_compile='on' does not work with TensorFlow distribution "

@@ -231,3 +231,22 @@ def test_run_ablation_trains_each_pipeline_per_seed(tiny_ct_manifest, tmp_path):
     assert stamps == {n: (tmp_path / "models" / n / "done.json").stat().st_mtime_ns for n in names}
     cfg = json.loads((tmp_path / "models" / "ablation_ct_crop_s1" / "config.json").read_text())
     assert cfg["seed"] == 1
+
+
+def test_run_ablation_defaults_are_notebook_02s(monkeypatch, tmp_path):
+    """Keywords left out take notebook 02's parameters (one place for every default)."""
+    from covidlib import runner
+
+    seen = {}
+
+    def record(run_dir, pipelines, **kw):
+        seen.update(pipelines=pipelines, **kw)
+        raise RuntimeError("stop")  # the budget is all this test needs
+
+    monkeypatch.setattr(ablation, "train_runs", record)
+    with pytest.raises(RuntimeError, match="stop"):
+        ablation.run_ablation(tmp_path)
+    nb = runner.default_parameters("ablation")
+    assert seen["pipelines"] == nb["ABLATION_PIPELINES"] and seen["seeds"] == nb["ABLATION_SEEDS"]
+    assert (seen["backbone"], seen["img_size"], seen["epochs"], seen["batch_size"]) == (
+        nb["ABLATION_BACKBONE"], nb["IMG_SIZE"], nb["ABLATION_EPOCHS"], nb["BATCH_SIZE"])

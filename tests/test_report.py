@@ -186,3 +186,21 @@ def test_external_validation_names_the_vote_output(run_copy, tiny_ct_root, isola
     assert weighted["models"]["vote"]["calibration"]["ece"] is not None
     with pytest.raises(ValueError, match="needs weights"):
         report.external_validation(run_copy, tiny_ct_root, NAMES, vote="weighted", n_boot=10)
+
+
+def test_evaluate_run_defaults_are_notebook_04s():
+    """Every keyword left out reads notebook 04's parameter; none may point at a missing one."""
+    import inspect
+
+    from covidlib import runner
+
+    sig = inspect.signature(report.evaluate_run)
+    left_out = {k: p.default for k, p in sig.parameters.items()
+                if p.default is runner.NOTEBOOK_DEFAULT}
+    assert {"vote", "n_boot", "seed", "phase1_threshold", "patient_pattern"} <= set(left_out)
+    filled = runner.fill_defaults("evaluate", left_out,
+                                  {"patient_pattern": "EXTERNAL_PATIENT_PATTERN"})
+    nb = runner.default_parameters("evaluate")
+    assert filled["vote"] == nb["VOTE"] and filled["n_boot"] == nb["N_BOOT"]
+    assert filled["patient_pattern"] == nb["EXTERNAL_PATIENT_PATTERN"]
+    assert runner.fill_defaults("evaluate", {"n_boot": 7}) == {"n_boot": 7}  # given values stay

@@ -141,6 +141,7 @@ def test_defaults_pass_and_plan_keeps_its_shape():
     ({"PATIENT_PATTERN": "(unclosed"}, "PATIENT_PATTERN='(unclosed': not a regular expression"),
     ({"WEIGHTS": "none"}, "WEIGHTS='none': no such file"),
     ({"WEIGHTS": "imagenet", "BACKBONES": ["SmallCNN"]}, "SmallCNN (in BACKBONES or XRAY_BACKBONE) has no"),
+    ({"PRETRAIN_EPOCHS": 2, "DISTRIBUTE": "multiworker"}, "every worker would pretrain into the same"),
     ({"COHORT": "pairs.csv"}, "COHORT='pairs.csv': no such file (relative paths start at"),
     ({"EXTERNAL_DATASET": "nowhere"}, "EXTERNAL_DATASET='nowhere': not found"),
     ({"XRAY_DATASET": 3}, "XRAY_DATASET=3: expected None, 'synthetic', a registry name"),

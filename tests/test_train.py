@@ -479,3 +479,9 @@ def test_train_config_defaults_are_notebook_03s():
     mirrored.discard("enhancement")  # the config records the pipeline applied, not its name
     for name in mirrored:
         assert getattr(cfg, name) == nb[name.upper()], name
+
+
+def test_missing_weights_file_is_refused_before_any_work(tmp_path):
+    """A WEIGHTS path that does not exist fails in validate(), before images are enhanced."""
+    with pytest.raises(FileNotFoundError, match="nothing.weights.h5"):
+        train.TrainConfig(weights=str(tmp_path / "nothing.weights.h5")).validate()

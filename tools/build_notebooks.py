@@ -178,7 +178,9 @@ AICOV-CT; DenseNet201 / ResNet152 as in the seeds' code) with a classification h
 enhanced images of one modality. Preprocessing is inside the model (raw 0-255 input).
 Saves `RUN_DIR/models/<NAME>/`: `model.keras`, `labels.json`, `config.json`, `history.csv`,
 `predictions_val.csv`, `predictions_test.csv`. Re-running an identical configuration reuses the
-finished run; a killed run resumes.
+finished run; a killed run resumes. With `PRETRAIN_EPOCHS` > 0 the backbone is first pretrained
+self-supervised (SimSiam) on the unlabelled training images into `RUN_DIR/pretrain/`, and training
+starts from those weights instead of `WEIGHTS` (no download needed).
 """),
     code(SETUP),
     params('''
@@ -190,7 +192,8 @@ IMG_SIZE = 64
 EPOCHS = 8
 FINE_TUNE_EPOCHS = 0         # with pretrained WEIGHTS: exactly this many epochs after phase 1 ends
 BATCH_SIZE = 32
-WEIGHTS = None               # imagenet for real runs (downloaded once), None (from scratch), or a weights-file path
+WEIGHTS = None               # imagenet for real runs (downloaded once), None (from scratch), or a weights file or folder
+PRETRAIN_EPOCHS = 0          # SimSiam epochs on the unlabelled train images first (0: off); then set FINE_TUNE_EPOCHS too
 HEAD = "gap"                 # gap | gap_dense256
 LEARNING_RATE = 0.001
 FINE_TUNE_LR = 1e-05         # learning rate after unfreezing (10-100x lower than LEARNING_RATE)
@@ -201,16 +204,31 @@ DISTRIBUTE = "off"           # off | auto | mirrored | multiworker | jax_datapar
 SEED = 0
 '''),
     code('''
-from covidlib import config, plots, runner, train
+from covidlib import config, plots, pretrain, runner, train
 
 config.seed_everything(SEED)
 run_dir = runner.resolve_run_dir(RUN_DIR)
 print(train.describe_device())
 '''),
+    md("""
+## Self-supervised pretraining (optional)
+
+With `PRETRAIN_EPOCHS` > 0: SimSiam on the training split's images, labels unused (validation and
+test images never seen), starting from `WEIGHTS`. It writes `RUN_DIR/pretrain/<BACKBONE>.weights.h5`
+(X-ray: `RUN_DIR/pretrain/xray/`) and its `.pretrain.json` (loss and collapse monitor per epoch);
+training below then loads it like ImageNet weights: phase 1 on the frozen backbone, phase 2
+fine-tunes for `FINE_TUNE_EPOCHS`. Resumes after a kill; a finished identical run is reused.
+"""),
+    code('''
+weights = pretrain.pretrain_for_run(
+    run_dir, backbone=BACKBONE, modality=MODALITY, enhancement=ENHANCEMENT, img_size=IMG_SIZE,
+    epochs=PRETRAIN_EPOCHS, batch_size=BATCH_SIZE, seed=SEED, weights=WEIGHTS, verbose=2)
+'''),
+    md("## Training"),
     code('''
 result = train.train_backbone(
     run_dir, backbone=BACKBONE, modality=MODALITY, enhancement=ENHANCEMENT, img_size=IMG_SIZE,
-    epochs=EPOCHS, fine_tune_epochs=FINE_TUNE_EPOCHS, batch_size=BATCH_SIZE, weights=WEIGHTS,
+    epochs=EPOCHS, fine_tune_epochs=FINE_TUNE_EPOCHS, batch_size=BATCH_SIZE, weights=weights,
     head=HEAD, learning_rate=LEARNING_RATE, fine_tune_lr=FINE_TUNE_LR, unfreeze=UNFREEZE,
     patience=PATIENCE, imbalance=IMBALANCE, distribute=DISTRIBUTE, seed=SEED, verbose=2)
 print("saved to", result.model_dir, "| classes:", result.classes,
