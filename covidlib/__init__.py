@@ -7,6 +7,11 @@ import sys as _sys
 
 # TensorFlow's C++ logging after start-up (CUDA probes, cuInit); users can still override it.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# OpenCV reads its decoded-image cap once, when cv2 is loaded (TensorFlow loads it too): set
+# covidlib's, 2**27 pixels (covidlib.images.MAX_IMAGE_PIXELS), before anything can, unless the
+# user chose one.
+if "cv2" not in _sys.modules:
+    _os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(2**27))
 
 __version__ = "0.2.0"
 

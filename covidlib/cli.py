@@ -458,9 +458,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     out = pretrain_backbone(
         args.sources, args.out, splits=splits, modality=args.modality, cache_dir=args.cache_dir,
         overwrite=args.overwrite, verbose=2 if args.quiet else "auto",
-        allow_inside_input=args.allow_inside_input, backbone=args.backbone, img_size=args.img_size,
-        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
-        init_weights=args.init_weights)
+        allow_inside_input=args.allow_inside_input, epochs=args.epochs, learning_rate=args.lr,
+        init_weights=args.init_weights,
+        **{k: v for k, v in (("backbone", args.backbone), ("img_size", args.img_size),
+                             ("batch_size", args.batch_size), ("seed", args.seed)) if v is not None})
     rec = read_record(out)
     last = rec["history"][-1] if rec.get("history") else {}
     print(f"{out}  ({rec['backbone']}, {rec['img_size']} px, {rec['n_images']} images, "
@@ -474,10 +475,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _add_pretrain(sub: _Subparsers) -> None:
+    from dataclasses import fields
+
     from covidlib import config
     from covidlib.pretrain import PretrainConfig
 
-    d = PretrainConfig()
+    # Static defaults only: the notebook-03 ones (backbone, size, batch, seed) are read when the
+    # command runs, so building the parser stays instant for every other sub-command.
+    d = {f.name: f.default for f in fields(PretrainConfig)}
     p = sub.add_parser(
         "pretrain", help="self-supervised (SimSiam) pretraining of a backbone on unlabelled images",
         description="Pretrain a backbone with SimSiam on unlabelled images (folders, image files or "
@@ -486,13 +491,13 @@ def _add_pretrain(sub: _Subparsers) -> None:
                     "Resumes after a kill; a finished identical run is reused.")
     p.add_argument("sources", nargs="+", metavar="SRC", help="folders, image files or manifest CSVs")
     p.add_argument("--out", required=True, help="a weights file *.weights.h5, or a folder")
-    p.add_argument("--backbone", default=d.backbone, help=f"default {d.backbone}")
-    p.add_argument("--img-size", type=int, default=d.img_size, help=f"default {d.img_size}")
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
-    p.add_argument("--lr", type=float, default=d.learning_rate,
-                   help=f"peak SGD learning rate, cosine decay (default {d.learning_rate})")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--backbone", help=_NB_DEFAULT.format("03") + " (BACKBONE)")
+    p.add_argument("--img-size", type=int, help=_NB_DEFAULT.format("03") + " (IMG_SIZE)")
+    p.add_argument("--epochs", type=int, default=d["epochs"], help=f"default {d['epochs']}")
+    p.add_argument("--batch-size", type=int, help=_NB_DEFAULT.format("03") + " (BATCH_SIZE)")
+    p.add_argument("--lr", type=float, default=d["learning_rate"],
+                   help=f"peak SGD learning rate, cosine decay (default {d['learning_rate']})")
+    p.add_argument("--seed", type=int, help=_NB_DEFAULT.format("03") + " (SEED)")
     p.add_argument("--init-weights", help="start from imagenet or a weights file (default: random)")
     p.add_argument("--splits", nargs="+", default=["train"],
                    help="manifest splits to use (default: train); 'all' uses every row")

@@ -18,6 +18,8 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from covidlib.images import to_uint8
+
 __all__ = ["body_bbox", "crop_body", "crop_border"]
 
 
@@ -40,25 +42,6 @@ def _check_image(img: Any, name: str = "img", allow_color: bool = False) -> np.n
 
 def _max_value(a: np.ndarray) -> int:
     return 255 if a.dtype == np.uint8 else 65535
-
-
-def _to_uint8(img: np.ndarray) -> np.ndarray:
-    """``uint8`` unchanged; ``uint16`` min-max scaled by its range (as ``covidlib.images.to_uint8``)."""
-    if img.dtype == np.uint8:
-        return img
-    try:
-        from covidlib.images import to_uint8
-    except ImportError:  # pragma: no cover - io is part of the package
-        lo, hi = int(img.min()), int(img.max())
-        if hi <= lo:
-            return np.zeros(img.shape, np.uint8)
-        return np.clip(np.rint((img.astype(np.float64) - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
-    return to_uint8(img)
-
-
-def _gray_for_analysis(img: np.ndarray) -> np.ndarray:
-    """8-bit view of an image for mask finding only (never returned to the caller)."""
-    return img if img.dtype == np.uint8 else _to_uint8(img)
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +121,7 @@ class _Body:
 
 def _small_gray(img: np.ndarray) -> tuple[np.ndarray, float]:
     """8-bit copy with the long side at most ``_MASK_SIDE`` pixels, and its scale factor."""
-    g = _gray_for_analysis(img)
+    g = to_uint8(img)  # masks are found in 8 bits; the caller's image keeps its depth
     h, w = g.shape
     s = min(1.0, _MASK_SIDE / max(h, w))
     if s >= 1.0:

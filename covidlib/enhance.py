@@ -35,8 +35,9 @@ import cv2
 import numpy as np
 
 from covidlib import config
-from covidlib.crop import _check_image, _max_value, _to_uint8, body_bbox, crop_body, crop_border
+from covidlib.crop import _check_image, _max_value, body_bbox, crop_body, crop_border
 from covidlib.denoise import dct_denoise, estimate_sigma
+from covidlib.images import to_uint8
 from covidlib.lungs import LungField, crop_lungs, find_lungs
 
 __all__ = [
@@ -333,10 +334,10 @@ def _run_steps(img: np.ndarray, steps: Sequence[str], p: dict[str, Any], bbox, m
             img = white_balance(img, p["low"], p["high"])
         elif step == "clahe":
             # 8-bit CLAHE: a 16-bit one has 65536-bin tile histograms and different clip semantics.
-            img = clahe(_to_uint8(img), p["clip_limit"], p["tile_grid"])
+            img = clahe(to_uint8(img), p["clip_limit"], p["tile_grid"])
         else:  # pragma: no cover - PIPELINES only names known steps
             raise AssertionError(step)
-    return np.ascontiguousarray(_to_uint8(img))
+    return np.ascontiguousarray(to_uint8(img))
 
 
 def enhance(

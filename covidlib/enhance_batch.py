@@ -1,44 +1,45 @@
 """The batch enhancement pass: a pipeline of :mod:`covidlib.enhance` over a folder or manifest.
 
-:func:`enhance_tree` / :func:`enhance_manifest` run a chain over a folder or manifest on all
-cores, with atomic writes, resume and a failure report. The destination is checked before any work
+:func:`enhance_tree` / :func:`enhance_manifest` run a chain over a folder or manifest, in this
+process (``workers=1``) or on a ``concurrent.futures.ProcessPoolExecutor`` started for the pass,
+with atomic writes, resume and a failure report. The destination is checked before any work
 (never the source, never inside it unless asked); each output PNG carries a stamp of the source it
-was made from, so resume redoes outputs whose source changed; workers end when the process that
-started them dies (even by SIGKILL); a full or read-only destination stops the pass at once.
+was made from, so resume redoes outputs whose source changed; a full or read-only destination
+stops the pass at once. Scripts that run it with ``workers > 1`` need Python's usual
+``if __name__ == "__main__":`` guard (the workers are started with "spawn").
 
 Only numpy and OpenCV are imported here (pandas / tqdm lazily): no keras, no tensorflow.
 """
 from __future__ import annotations
 
+import csv
 import errno
+import hashlib
+import io
 import json
 import math
 import os
 import re
-import sys
-import threading
+import signal
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+import zlib
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import cv2
 import numpy as np
 
-from covidlib.fsutil import atomic_write_bytes
-
 from covidlib import config
 from covidlib.crop import _check_image
-from covidlib.denoise import _single_thread_blas
 from covidlib.enhance import CROP_STEPS, _run_steps, pipeline_config
+from covidlib.fsutil import atomic_write_bytes
+from covidlib.images import read_image
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 __all__ = ["enhance_tree", "enhance_manifest", "OutputWriteError", "unreadable_folder_reason"]
-
-# PNG: lossless; level 1 + RLE strategy is the fastest setting and, on CT, also the smallest.
-_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
 
 _TMP_SUFFIX = ".enh-tmp"
 _STATE_FILE = "enhance.json"
@@ -47,27 +48,14 @@ _MANIFEST_FILE = "manifest.csv"
 
 
 # --------------------------------------------------------------------------------------------
-# Batch pass
+# One image
 # --------------------------------------------------------------------------------------------
 
 
-def _read(path: str) -> np.ndarray:
-    """2-D gray uint8 / uint16 image; ``covidlib.images.read_image`` when present."""
-    try:
-        from covidlib.images import read_image
-    except ImportError:  # pragma: no cover - io is part of the package
-        data = np.fromfile(path, dtype=np.uint8)
-        img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-        if img is None:
-            raise ValueError("not a decodable image") from None
-        if img.ndim == 3:
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY if img.shape[2] == 3 else cv2.COLOR_BGRA2GRAY)
-        return img
-    return read_image(path)
-
-
 def _encode_png(img: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", img, _PNG_PARAMS)
+    # OpenCV's default PNG settings (Z_BEST_SPEED, RLE, "sub" filter) are its fastest lossless
+    # ones, the same as cv2.imwrite's; naming a compression level would switch to slower ones.
+    ok, buf = cv2.imencode(".png", img)
     if not ok:  # pragma: no cover - PNG encoding of a uint8 array does not fail
         raise ValueError("PNG encoding failed")
     return buf.tobytes()
@@ -87,8 +75,6 @@ _IHDR_END = 33  # 8-byte signature + IHDR chunk (4 length + 4 type + 13 data + 4
 
 def _source_stamp(task: tuple) -> str | None:
     """Short digest of what an output depends on: source name, size, mtime, bbox, modality."""
-    import hashlib
-
     src, _, bbox, modality = task
     try:
         st = os.stat(src)
@@ -99,8 +85,6 @@ def _source_stamp(task: tuple) -> str | None:
 
 
 def _stamped(png: bytes, stamp: str) -> bytes:
-    import zlib
-
     body = b"tEXt" + _STAMP_KEY + b"\0" + stamp.encode("ascii")
     chunk = len(body[4:]).to_bytes(4, "big") + body + (zlib.crc32(body) & 0xFFFFFFFF).to_bytes(4, "big")
     return png[:_IHDR_END] + chunk + png[_IHDR_END:]
@@ -132,8 +116,7 @@ def _process_one(task: tuple, steps: Sequence[str], params: dict[str, Any]) -> t
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            img = _read(src)
-            res = _run_steps(_check_image(img), steps, params, bbox, modality)
+            res = _run_steps(_check_image(read_image(src)), steps, params, bbox, modality)
             data = _encode_png(res)
         except Exception as e:  # reported per file, never fatal to the run
             reason = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
@@ -143,6 +126,7 @@ def _process_one(task: tuple, steps: Sequence[str], params: dict[str, Any]) -> t
 
 
 def _process_chunk(chunk: list[tuple], steps: Sequence[str], params: dict[str, Any]) -> list[tuple]:
+    """Results of a run of tasks; ends early, with a "fatal" result, when dst takes no more files."""
     out = []
     for task in chunk:
         try:
@@ -156,100 +140,28 @@ def _process_chunk(chunk: list[tuple], steps: Sequence[str], params: dict[str, A
     return out
 
 
-def _exit_with_parent(parent: int) -> None:
-    """End this worker as soon as the process that started the pool is gone (even by SIGKILL).
+# --------------------------------------------------------------------------------------------
+# The pass: in this process, or on a process pool
+# --------------------------------------------------------------------------------------------
 
-    A kept pool's idle workers wait on a queue whose write end they hold themselves, so they
-    never see their parent die. PR_SET_PDEATHSIG covers the worker's direct parent (the fork
-    server, which exits with its owner); the thread watches the owner itself.
-    """
-    import signal
 
+def _worker_init(parent: int) -> None:
+    """Set up a pool worker: one thread, Ctrl-C left to the caller, gone with the caller."""
+    # Ctrl-C reaches the whole process group: the caller stops the pass and waits for the chunks
+    # already running, so no worker stops halfway through a file or prints a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # One process per core: no nested OpenCV threads fighting over the same cores.
+    cv2.setNumThreads(1)
+    # Kept by hand because the executor cannot do it: a worker whose caller was killed (SIGKILL,
+    # a notebook kernel restarted) waits on the task queue forever. Linux ends it with its parent.
     try:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux
-        pass
-
-    def watch() -> None:
-        try:
-            import select
-
-            fd = os.pidfd_open(parent)  # Linux >= 5.3: readable once the process has exited
-            select.select([fd], [], [])
-        except (AttributeError, OSError):
-            while True:
-                time.sleep(1.0)
-                try:
-                    os.kill(parent, 0)
-                except ProcessLookupError:
-                    break
-                except PermissionError:
-                    continue
-        os._exit(1)
-
-    threading.Thread(target=watch, name="covidlib-parent-watch", daemon=True).start()
-
-
-def _worker_init(parent: int | None = None) -> None:
-    if parent is not None:
-        _exit_with_parent(parent)
-    # Ctrl-C (SIGINT to the whole process group) is the caller's to handle: it cancels the pass
-    # and waits for running chunks. Kept-alive workers would otherwise die with a traceback each.
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # One process per core: no nested OpenCV / BLAS threads fighting over the same cores.
-    cv2.setNumThreads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(1)
-    except Exception:
-        pass
-
-
-@contextmanager
-def _main_not_reimported() -> Iterator[None]:
-    """Start worker processes without re-importing the caller's ``__main__``.
-
-    "spawn" / "forkserver" children normally re-run the main script's top level (as
-    ``__mp_main__``): a script without an ``if __name__ == "__main__"`` guard would then recurse,
-    and one that imports keras would import it once more per worker. The workers only need this
-    module (tasks are plain tuples), so the main module's spec / file are hidden while the pool
-    starts its processes.
-    """
-    main = sys.modules.get("__main__")
-    if main is None:
-        yield
         return
-    missing = object()
-    saved = {k: getattr(main, k, missing) for k in ("__spec__", "__file__")}
-    try:
-        main.__spec__ = None
-        if saved["__file__"] is not missing:
-            del main.__file__
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is not missing:
-                setattr(main, k, v)
-
-
-def _pool_context():
-    import multiprocessing as mp
-
-    # Not "fork": OpenCV's thread pool does not survive fork (opencv/opencv#5150). A fork server
-    # that has imported this module (numpy, cv2) once makes worker start-up nearly free.
-    if sys.platform != "win32" and "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        try:
-            ctx.set_forkserver_preload(["covidlib.enhance_batch", "covidlib.images", "threadpoolctl"])
-        except Exception:
-            pass
-        return ctx
-    return mp.get_context("spawn")
+    if os.getppid() != parent:  # the caller died before the line above
+        os._exit(1)
 
 
 def _default_workers() -> int:
@@ -269,50 +181,6 @@ def _progress_bar(total: int, enabled: bool, desc: str):
     return tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True)
 
 
-_POOL_LOCK = threading.Lock()
-_POOL: tuple[int, ProcessPoolExecutor] | None = None
-
-
-def _shared_pool(workers: int) -> ProcessPoolExecutor:
-    """The worker pool, kept between batch passes of this process.
-
-    Starting workers costs tens of milliseconds per pass (more on a cold fork server); notebook 02
-    and the benchmark run several passes in a row, so the pool is reused while its size is the
-    same. A broken pool (a worker died) is replaced; the interpreter's exit shuts it down."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is not None and (_POOL[0] != workers or getattr(_POOL[1], "_broken", False)):
-            _drop_pool_locked()
-        if _POOL is None:
-            _POOL = (workers, ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(),
-                                                  initializer=_worker_init, initargs=(os.getpid(),)))
-        return _POOL[1]
-
-
-def _drop_pool_locked() -> None:
-    global _POOL
-    if _POOL is not None:
-        _POOL[1].shutdown(wait=False, cancel_futures=True)
-        _POOL = None
-
-
-def _discard_pool() -> None:
-    with _POOL_LOCK:
-        _drop_pool_locked()
-
-
-def _chunk_sizes(n: int, workers: int) -> list[int]:
-    """Guided scheduling: big chunks first (few round trips), shrinking to single images at the
-    end so no worker sits idle while another finishes a long chunk."""
-    sizes = []
-    left = n
-    while left > 0:
-        size = max(1, min(64, left // (workers * 4)))
-        sizes.append(size)
-        left -= size
-    return sizes
-
-
 def _execute(tasks: list[tuple], steps, params, workers: int, progress: bool) -> list[tuple | None]:
     """Run the tasks; one result per task, None for tasks never run (the pass stopped early).
 
@@ -323,13 +191,12 @@ def _execute(tasks: list[tuple], steps, params, workers: int, progress: bool) ->
     bar = _progress_bar(len(tasks), progress and len(tasks) > 0, "enhance")
     try:
         if workers <= 1 or len(tasks) <= 1:
-            with _single_thread_blas():
-                for i, t in enumerate(tasks):
-                    results[i] = _process_chunk([t], steps, params)[0]
-                    if bar is not None:
-                        bar.update(1)
-                    if results[i][0] == "fatal":
-                        break
+            for i, t in enumerate(tasks):
+                results[i] = _process_chunk([t], steps, params)[0]
+                if bar is not None:
+                    bar.update(1)
+                if results[i][0] == "fatal":
+                    break
         else:
             _execute_parallel(tasks, steps, params, workers, bar, results)
     finally:
@@ -338,68 +205,43 @@ def _execute(tasks: list[tuple], steps, params, workers: int, progress: bool) ->
     return results
 
 
-def _submit_all(chunks: list[tuple[int, list[tuple]]], steps, params, workers: int) -> dict:
-    futs = {}
-    # Workers start on demand at submit time: keep the caller's __main__ hidden then.
-    with _main_not_reimported():
-        ex = _shared_pool(workers)
-        try:
-            first = ex.submit(_process_chunk, chunks[0][1], steps, params)
-        except BrokenProcessPool:
-            # a worker of the kept pool died while idle (OOM killer, a kill): start afresh
-            _discard_pool()
-            ex = _shared_pool(workers)
-            first = ex.submit(_process_chunk, chunks[0][1], steps, params)
-        futs[first] = (0, len(chunks[0][1]))
-        for i, c in chunks[1:]:
-            futs[ex.submit(_process_chunk, c, steps, params)] = (i, len(c))
-    return futs
-
-
-def _stop_futures(futs) -> None:
-    """Drop what has not started, then wait for the running chunks, so no worker is still
-    writing into dst when the pass returns."""
-    for f in futs:
-        f.cancel()
-    for f in futs:
-        if not f.cancelled():
-            try:
-                f.result()
-            except BaseException:
-                pass
-
-
 def _execute_parallel(tasks: list[tuple], steps, params, workers: int, bar, results: list) -> None:
-    chunks = []
-    i = 0
-    for size in _chunk_sizes(len(tasks), workers):
-        chunks.append((i, tasks[i : i + size]))
-        i += size
-    futs: dict = {}
+    # Imported here: only a pool needs them, and `--workers 1` starts faster without.
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    # Chunks of up to 16 images (a few tens of ms): few round trips, and still about eight per
+    # worker, so that the last ones end together.
+    size = max(1, min(16, math.ceil(len(tasks) / (workers * 8))))
+    # "spawn", not "fork": OpenCV's thread pool does not survive fork (opencv/opencv#5150).
+    ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init, initargs=(os.getpid(),))
+    futs: dict[Future, int] = {}
     try:
-        futs = _submit_all(chunks, steps, params, workers)
+        futs = {ex.submit(_process_chunk, tasks[i : i + size], steps, params): i
+                for i in range(0, len(tasks), size)}
         for fut in as_completed(futs):
-            i, n = futs[fut]
             got = fut.result()
-            results[i : i + len(got)] = got  # shorter than the chunk after a fatal write error
+            results[futs[fut] : futs[fut] + len(got)] = got  # shorter after a fatal write error
             if bar is not None:
-                bar.update(n)
-            if any(r[0] == "fatal" for r in got):
-                _stop_futures(futs)
-                for f, (j, _) in futs.items():  # chunks that finished meanwhile keep their results
-                    if f is not fut and f.done() and not f.cancelled() and f.exception() is None:
-                        res = f.result()
-                        results[j : j + len(res)] = res
-                return
+                bar.update(len(got))
+            if got[-1][0] == "fatal":
+                break
     except BrokenProcessPool as e:
-        _discard_pool()
         raise RuntimeError(
-            f"an enhancement worker process died ({e}); this is not caused by a bad image "
-            "(those are reported per file). Re-run with workers=1 to see the error in this process."
+            f"an enhancement worker process died ({e}); bad images do not do that (they are reported "
+            "per file). A script that starts workers needs `if __name__ == \"__main__\":` around its "
+            "code; or re-run with workers=1 to see the error in this process."
         ) from e
-    except BaseException:
-        _stop_futures(futs)
-        raise
+    finally:
+        # Unstarted chunks are dropped, running ones finish (Ctrl-C too): no worker is still
+        # writing into dst when the pass returns or raises.
+        ex.shutdown(wait=True, cancel_futures=True)
+    for fut, i in futs.items():  # chunks that finished while the pass was being stopped
+        if results[i] is None and fut.done() and not fut.cancelled() and fut.exception() is None:
+            got = fut.result()
+            results[i : i + len(got)] = got
 
 
 def _out_name_map(srcs: list[str], rels: list[str]) -> list[str]:
@@ -516,8 +358,6 @@ def _stale(task: tuple) -> bool:
 
 def _failures_kept(dst: Path, not_run: set[str]) -> list[dict]:
     """Entries of the previous failure list for sources this (stopped) pass did not reach."""
-    import csv
-
     try:
         with open(dst / _FAILURES_FILE, encoding="utf-8", newline="") as fh:
             return [r for r in csv.DictReader(fh) if r.get("path") in not_run]
@@ -593,10 +433,7 @@ def _run_tasks(
 
 
 def _write_failures(dst: Path, failed: list[dict]) -> None:
-    import csv
-    import io as _io
-
-    buf = _io.StringIO()
+    buf = io.StringIO()
     wr = csv.writer(buf, lineterminator="\n")
     wr.writerow(["path", "reason"])
     for f in failed:

@@ -4,9 +4,10 @@ Everything returns plain 2-D numpy arrays:
 
 * :func:`read_image` -- one 2-D grayscale image, ``uint8`` for 8-bit sources, ``uint16`` for 16-bit
   ones (colour is converted to gray, alpha is dropped). ``.dcm`` files go through :func:`read_dicom`.
-* :func:`read_dicom` -- CT: raw values -> Hounsfield units (RescaleSlope / RescaleIntercept) -> a
-  window (``lung`` = centre -600 HU, width 1500 by default) -> ``uint8``. Other DICOM (CR / DX X-ray,
-  no HU) is min-max scaled to ``uint8``. MONOCHROME1 (bright = low value) is inverted in both cases.
+* :func:`read_dicom` -- CT: raw values -> Hounsfield units (pydicom's modality LUT: RescaleSlope /
+  RescaleIntercept) -> a window (``lung`` = centre -600 HU, width 1500 by default) -> ``uint8``.
+  Other DICOM (CR / DX X-ray, no HU) is min-max scaled to ``uint8``. MONOCHROME1 (bright = low
+  value) is inverted in both cases.
 * :func:`read_dicom_series` / :func:`read_volume` -- a CT series / NIfTI volume as a list of axial
   slices, each windowed to ``uint8`` and oriented like a radiological view (patient's right on the
   image's left, anterior at the top), ordered feet -> head.
@@ -16,24 +17,23 @@ Every failure is an :class:`ImageReadError` (a ``ValueError``) that names the fi
 ("empty file", "not a decodable image", ...), never a bare traceback from cv2 / pydicom / nibabel.
 Files are only ever read; nothing here writes to disk.
 
-Decoding goes by the bytes, not the extension (``np.fromfile`` + ``cv2.imdecode``, which also makes
-non-ASCII paths work on every OS): a PNG saved as ``.bmp`` reads fine. Every format's size is
-checked from its header *before* decoding, so a "decompression bomb" is rejected, with its declared
-size in the reason, instead of allocating gigabytes: PNG / JPEG / BMP / TIFF and BigTIFF (the IFD
-wherever it sits) against :data:`MAX_IMAGE_PIXELS`; DICOM (Rows x Columns x NumberOfFrames, also
-compressed transfer syntaxes) and NIfTI (header shape) against :data:`MAX_IMAGE_PIXELS` per slice
-and :data:`MAX_VOLUME_VOXELS` per volume. A JPEG cut short with its end marker put back (which
-libjpeg decodes "fine", gray from the cut on) is refused as truncated.
+Raster files are read with ``np.fromfile`` + ``cv2.imdecode``: by their bytes, not their extension
+(a PNG saved as ``.bmp`` reads fine; non-ASCII paths work on every OS). The size cap against
+"decompression bombs" is OpenCV's own: it reads the image header and refuses, before allocating
+anything, an image over ``OPENCV_IO_MAX_IMAGE_PIXELS`` pixels, an environment variable it reads
+once, when ``cv2`` is loaded. Importing covidlib sets it to 2**27 unless it is set already (see
+:data:`MAX_IMAGE_PIXELS`). DICOM (Rows x Columns x NumberOfFrames, also compressed transfer
+syntaxes) and NIfTI (header shape) are checked from their headers against the same per-image cap
+and :data:`MAX_VOLUME_VOXELS` per volume.
 """
 from __future__ import annotations
 
 import math
 import os
 import stat
-import struct
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -67,19 +67,38 @@ WINDOWS: dict[str, tuple[float, float]] = {
     "bone": (400.0, 1800.0),
 }
 
-#: Largest image (width x height) :func:`read_image` agrees to decode. A chest X-ray is ~4k x 4k
-#: (16 Mpx); anything past ~134 Mpx (11585^2) is a corrupt or malicious header, not a radiograph.
-MAX_IMAGE_PIXELS: int = 2**27
+# OpenCV reads this variable once, when cv2 is loaded; covidlib/__init__ sets it (2**27) first,
+# before anything can load cv2, unless the user set it.
+_CAP_VARIABLE = "OPENCV_IO_MAX_IMAGE_PIXELS"
+
+
+def _opencv_pixel_cap() -> int:
+    """The cap OpenCV applies: its variable (a number, optionally ``Kb`` / ``Mb`` / ``Gb``, as
+    OpenCV parses it), or OpenCV's default 2**30 when unset."""
+    raw = os.environ.get(_CAP_VARIABLE, "").strip()
+    if not raw:
+        return 2**30
+    scale = {"kb": 2**10, "mb": 2**20, "gb": 2**30}.get(raw[-2:].lower(), 1)
+    digits = raw[:-2] if scale > 1 else raw
+    if not digits.isdigit():
+        raise ValueError(f"{_CAP_VARIABLE}={raw!r}: expected a whole number of pixels, e.g. {2**27}")
+    return int(digits) * scale
+
+
+#: Largest image (width x height) :func:`read_image` decodes: OpenCV's own cap,
+#: ``OPENCV_IO_MAX_IMAGE_PIXELS``, which importing covidlib sets to 2**27 (11585^2; a chest X-ray
+#: is ~4k x 4k, 16 Mpx) unless the environment sets it already. OpenCV reads it when ``cv2`` is
+#: first loaded: a process that loaded cv2 before covidlib keeps OpenCV's default, 2**30, and this
+#: says so. The same cap holds for one DICOM / NIfTI slice.
+MAX_IMAGE_PIXELS: int = _opencv_pixel_cap()
 
 #: Largest volume (voxels, all slices / frames together) a NIfTI file or multi-frame DICOM may
-#: declare: twice the image cap, 2**28 (512 x 512 x 1024 slices; 1 GB as float32). Every slice
-#: must also stay within :data:`MAX_IMAGE_PIXELS`. Checked from the header, before decoding.
-MAX_VOLUME_VOXELS: int = 2 * MAX_IMAGE_PIXELS
+#: declare: 2**28 (512 x 512 x 1024 slices; 1 GB as float32). Checked from the header, before
+#: decoding.
+MAX_VOLUME_VOXELS: int = 2**28
 
 #: Smallest side :func:`image_problem` accepts for a training image (a 1x1 "image" is an export bug).
 MIN_IMAGE_SIDE: int = 16
-
-_RASTER_FORMATS = ("png", "jpeg", "bmp", "tiff")
 
 
 class ImageReadError(ValueError):
@@ -112,7 +131,7 @@ def is_nifti_path(path: str | os.PathLike) -> bool:
 
 
 def sniff_format(data: bytes) -> str | None:
-    """Identify an image format from its first bytes.
+    """Identify a file's kind from its first bytes (to say why it did not decode).
 
     Returns:
         ``"png"``, ``"jpeg"``, ``"bmp"``, ``"tiff"``, ``"dicom"``, ``"gzip"`` (e.g. ``.nii.gz``),
@@ -148,138 +167,32 @@ def _looks_like_text(head: bytes) -> bool:
     return printable >= 0.95 * len(text)
 
 
-def _header_size(fmt: str, data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the file header without decoding, or None when not found."""
-    try:
-        if fmt == "png" and len(data) >= 24 and data[12:16] == b"IHDR":
-            w, h = struct.unpack(">II", data[16:24])
-            return int(w), int(h)
-        if fmt == "bmp" and len(data) >= 26:
-            w, h = struct.unpack("<ii", data[18:26])
-            return abs(int(w)), abs(int(h))
-        if fmt == "jpeg":
-            return _jpeg_size(data)
-        if fmt == "tiff":
-            return _tiff_size(data)
-    except struct.error:
-        return None
-    return None
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    i, n = 2, len(data)
-    while i + 9 < n:
-        if data[i] != 0xFF:
-            i += 1
-            continue
-        marker = data[i + 1]
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
-            i += 1 if marker == 0xFF else 2
-            continue
-        if marker == 0xDA:  # start of scan: entropy-coded data follows, no frame header found
-            return None
-        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
-        # SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG), CC (DAC) are not frames.
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
-            return int(w), int(h)
-        i += 2 + length
-    return None
-
-
-def _tiff_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of the first page of a classic TIFF or a BigTIFF, from its first IFD."""
-    if data[:2] == b"II":
-        end = "<"
-    elif data[:2] == b"MM":
-        end = ">"
-    else:
-        return None
-    (magic,) = struct.unpack(end + "H", data[2:4])
-    if magic == 42:  # classic: 4-byte offsets, 2-byte entry count, 12-byte entries
-        (off,) = struct.unpack(end + "I", data[4:8])
-        count_fmt, entry, value_at = "H", 12, 8
-    elif magic == 43:  # BigTIFF: 8-byte offsets, 8-byte entry count, 20-byte entries
-        (off,) = struct.unpack(end + "Q", data[8:16])
-        count_fmt, entry, value_at = "Q", 20, 12
-    else:
-        return None
-    head = struct.calcsize(count_fmt)
-    if off + head > len(data):
-        return None
-    (count,) = struct.unpack(end + count_fmt, data[off : off + head])
-    value_fmt = {3: "H", 4: "I", 16: "Q"}  # SHORT, LONG, LONG8: the value sits in the entry
-    size: dict[int, int] = {}
-    for k in range(min(count, 4096)):
-        e = off + head + entry * k
-        if e + entry > len(data):
-            break
-        tag, typ = struct.unpack(end + "HH", data[e : e + 4])
-        if tag in (256, 257) and typ in value_fmt:
-            fmt = end + value_fmt[typ]
-            (size[tag],) = struct.unpack(fmt, data[e + value_at : e + value_at + struct.calcsize(fmt)])
-    if 256 not in size or 257 not in size:
-        return None
-    return int(size[256]), int(size[257])
-
-
 def _read_error(path: Path, e: OSError) -> ImageReadError:
     """The specific reason an image file could not be opened / read."""
     if not os.path.lexists(path):
         return ImageNotFoundError(path, "file not found")
     if not path.exists():
         return ImageNotFoundError(path, "broken symbolic link (its target does not exist)")
-    if path.is_dir():
-        return ImageReadError(path, "is a folder, not an image file")
-    if not path.is_file():  # a socket cannot be opened at all (ENXIO)
-        return ImageReadError(path, "not a regular file (device, pipe or socket)")
     if isinstance(e, PermissionError):
         return ImageReadError(path, "permission denied (no read access)")
     return ImageReadError(path, f"could not be read from disk ({e.strerror or e})")
 
 
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)
-_HAVE_READV = hasattr(os, "readv")  # not on Windows
-
-
 def _read_bytes(path: Path) -> np.ndarray:
-    """File bytes as a uint8 array, with every OS error turned into an ImageReadError.
-
-    open + fstat + read: the reasons (missing, broken link, folder, ...) are worked out only
-    when that fails, because batch passes read thousands of files and each stat is a syscall.
-    O_NONBLOCK keeps a FIFO named like an image from blocking the open; it does nothing to
-    regular files.
-    """
+    """File bytes as a uint8 array, with every OS error turned into an ImageReadError."""
     try:
-        fd = os.open(path, _OPEN_FLAGS)
-    except OSError as e:
-        raise _read_error(path, e) from None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
+        mode = os.stat(path).st_mode
+        # Only regular files: opening a named pipe would wait for a writer forever.
+        if stat.S_ISDIR(mode):
             raise ImageReadError(path, "is a folder, not an image file")
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(mode):
             raise ImageReadError(path, "not a regular file (device, pipe or socket)")
-        data = np.empty(st.st_size, np.uint8)
-        got = 0
-        while got < st.st_size:  # short reads happen (network file systems, signals)
-            n = os.readv(fd, [data[got:]]) if _HAVE_READV else _read_into(fd, data[got:])
-            if n == 0:  # the file shrank since fstat
-                break
-            got += n
+        data = np.fromfile(path, np.uint8)
     except OSError as e:
         raise _read_error(path, e) from None
-    finally:
-        os.close(fd)
-    if got == 0:
+    if data.size == 0:
         raise ImageReadError(path, "empty file (0 bytes)")
-    return data[:got] if got < data.size else data
-
-
-def _read_into(fd: int, buf: np.ndarray) -> int:
-    chunk = os.read(fd, buf.size)
-    buf[: len(chunk)] = np.frombuffer(chunk, np.uint8)
-    return len(chunk)
+    return data
 
 
 def _to_gray(img: np.ndarray) -> np.ndarray:
@@ -289,15 +202,13 @@ def _to_gray(img: np.ndarray) -> np.ndarray:
         return img
     if img.ndim == 3:
         c = img.shape[2]
-        if c == 1:
-            return img[:, :, 0]
-        if c == 2:  # gray + alpha
+        if c in (1, 2):  # gray, gray + alpha
             return img[:, :, 0]
         if c == 3:
             return cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
         if c == 4:
             return cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY)
-    raise ValueError(f"unexpected decoded image shape {img.shape}")
+    raise ValueError(f"unsupported image layout {img.shape}")
 
 
 def _normalise_dtype(img: np.ndarray) -> np.ndarray:
@@ -311,36 +222,14 @@ def _normalise_dtype(img: np.ndarray) -> np.ndarray:
     return to_uint8(img)
 
 
-def _check_declared_size(path: Path, fmt: str, data: np.ndarray) -> None:
-    """Refuse an image whose header declares more than :data:`MAX_IMAGE_PIXELS`, before decoding.
-
-    A header without a readable size is refused too: the decoder would then be the only limit,
-    and OpenCV's own cap does not hold for every format (BigTIFF).
-    """
-    # JPEG frame headers can sit behind large EXIF segments and a TIFF's first IFD may sit at the
-    # end of the file; PNG and BMP keep their size up front.
-    raw = data.tobytes() if fmt in ("jpeg", "tiff") else bytes(data[:65536])
-    size = _header_size(fmt, raw)
-    if size is None:
-        raise ImageReadError(path, f"not a decodable image: no image size in its {fmt.upper()} header")
-    w, h = size
-    if w <= 0 or h <= 0:
-        raise ImageReadError(path, f"not a decodable image: header says {w}x{h} pixels")
-    if w * h > MAX_IMAGE_PIXELS:
-        raise ImageReadError(
-            path,
-            f"image dimensions {w}x{h} exceed the cap of {MAX_IMAGE_PIXELS:,} pixels "
-            "(corrupt header or decompression bomb); not decoded",
-        )
-
-
 def _gray_filled_tail(img: np.ndarray) -> bool:
     """True when a decoded 8-bit JPEG ends in libjpeg's fill for missing scan data.
 
-    A JPEG cut short and given an end marker again decodes "fine": libjpeg fills every block it
-    has no data for with zero coefficients, i.e. flat 128, from the cut to the end in block
-    order. At least one block row's worth of such blocks at the end is taken as that fill (a
-    real scan's padding is black, and JPEG noise rarely leaves whole blocks at exactly 128).
+    Kept by hand because the decoder accepts such a file (tests/malformed.py's
+    ``truncated_eoi_appended.jpg``): a JPEG cut short and given an end marker again decodes
+    "fine", every block it has no data for filled with flat 128, from the cut to the end in block
+    order. At least one block row's worth of such blocks at the end is taken as that fill (a real
+    scan's padding is black, and JPEG noise rarely leaves whole blocks at exactly 128).
     """
     if img.dtype != np.uint8 or img.ndim != 2:
         return False
@@ -355,11 +244,67 @@ def _gray_filled_tail(img: np.ndarray) -> bool:
     return trailing >= wb
 
 
+def _refusal(e: Exception) -> str:
+    """The reason for an exception from ``cv2.imdecode``: OpenCV's size caps, or its message."""
+    msg = str(e).strip().splitlines()[-1] if str(e).strip() else "decoder error"
+    if "CV_IO_MAX_IMAGE_PIXELS" in msg:
+        return (f"image dimensions exceed the cap of {MAX_IMAGE_PIXELS:,} pixels ({_CAP_VARIABLE}; "
+                "corrupt header or decompression bomb); not decoded")
+    if "CV_IO_MAX_IMAGE_WIDTH" in msg or "CV_IO_MAX_IMAGE_HEIGHT" in msg:
+        return ("image width or height exceeds OpenCV's limit (OPENCV_IO_MAX_IMAGE_WIDTH / _HEIGHT; "
+                "corrupt header or decompression bomb); not decoded")
+    return f"not a decodable image ({msg})"
+
+
+def _decode(path: Path, data: np.ndarray) -> np.ndarray | None:
+    """2-D ``uint8`` / ``uint16`` image from file bytes; None when no OpenCV decoder takes them."""
+    import cv2
+
+    jpeg = data[:3].tobytes() == b"\xff\xd8\xff"
+    # A JPEG is decoded straight to its luma plane (the Y it stores; the same 0.299 / 0.587 /
+    # 0.114 weights as cvtColor): faster than a colour decode + conversion, and byte-identical
+    # on gray content. EXIF orientation stays ignored, as with IMREAD_UNCHANGED for the others.
+    flags = (cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
+             if jpeg else cv2.IMREAD_UNCHANGED)
+    try:
+        img = cv2.imdecode(data, flags)
+    except cv2.error as e:
+        raise ImageReadError(path, _refusal(e)) from None
+    if img is None or img.size == 0:
+        return None
+    if jpeg and _gray_filled_tail(img):
+        raise ImageReadError(
+            path, "truncated JPEG (scan data ends early; the decoder filled the last rows with flat gray)"
+        )
+    try:
+        return np.ascontiguousarray(_normalise_dtype(_to_gray(img)))
+    except ValueError as e:
+        raise ImageReadError(path, str(e)) from None
+
+
+def _undecodable(path: Path, data: np.ndarray) -> str:
+    """Why bytes that no decoder took are not an image, for the error message."""
+    fmt = sniff_format(data)
+    if fmt == "html":
+        return "not a decodable image: the file is an HTML page (a failed download?)"
+    if fmt == "text":
+        return "not a decodable image: the file contains text"
+    if fmt == "gzip":
+        return "not a decodable image: gzip-compressed data"
+    if fmt is not None:
+        return f"not a decodable image (corrupt or truncated {fmt.upper()} data)"
+    if path.suffix.lower() not in config.IMAGE_EXTENSIONS:
+        return (f"unsupported file type {path.suffix or '(no extension)'!r}; "
+                f"supported: {', '.join(config.IMAGE_EXTENSIONS + config.MEDICAL_EXTENSIONS)}")
+    return "not a decodable image (unrecognised content)"
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read one image file as a 2-D grayscale array.
 
-    PNG, JPEG, BMP and TIFF (8 or 16 bit; gray, RGB or RGBA) are decoded by their content, so a
-    wrongly named file still reads. ``.dcm`` goes to :func:`read_dicom` (lung window, ``uint8``).
+    Any format OpenCV decodes (PNG, JPEG, BMP, TIFF, ...; 8 or 16 bit; gray, RGB or RGBA) is read
+    by its content, so a wrongly named file still reads. ``.dcm`` files and files with a DICOM
+    preamble go to :func:`read_dicom` (lung window, ``uint8``).
 
     Args:
         path: the image file.
@@ -381,60 +326,14 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             path, "is a NIfTI volume (many slices), not one image: use covidlib.images.read_volume"
         )
     data = _read_bytes(path)
-    fmt = sniff_format(data)
-    if fmt == "dicom" or (path.suffix.lower() == ".dcm" and fmt not in _RASTER_FORMATS):
+    if data[128:132].tobytes() == b"DICM":
         return read_dicom(path)
-    if fmt == "html":
-        raise ImageReadError(path, "not a decodable image: the file is an HTML page (a failed download?)")
-    if fmt == "text":
-        raise ImageReadError(path, "not a decodable image: the file contains text")
-    if fmt == "gzip":
-        raise ImageReadError(path, "not a decodable image: gzip-compressed data")
-    if fmt not in _RASTER_FORMATS:
-        if path.suffix.lower() not in config.IMAGE_EXTENSIONS:
-            raise ImageReadError(
-                path,
-                f"unsupported file type {path.suffix or '(no extension)'!r}; "
-                f"supported: {', '.join(config.IMAGE_EXTENSIONS + config.MEDICAL_EXTENSIONS)}",
-            )
-        raise ImageReadError(path, "not a decodable image (unrecognised content)")
-    _check_declared_size(path, fmt, data)
-    # Truncation checks: some decoder builds return a half-grey image for a cut-off file.
-    tail = data[-65536:].tobytes()
-    if fmt == "jpeg" and b"\xff\xd9" not in tail:
-        raise ImageReadError(path, "truncated JPEG (no end-of-image marker)")
-    if fmt == "png" and b"IEND" not in tail:
-        raise ImageReadError(path, "truncated PNG (no IEND chunk)")
-
-    import cv2
-
-    try:
-        # A JPEG is decoded straight to its luma plane (the Y it stores; the same 0.299 / 0.587 /
-        # 0.114 weights as cvtColor): 3x faster than a colour decode + conversion on 512 x 512
-        # slices, and byte-identical on gray content. EXIF orientation stays ignored, as with
-        # IMREAD_UNCHANGED for every other format.
-        flags = (
-            cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
-            if fmt == "jpeg"
-            else cv2.IMREAD_UNCHANGED
-        )
-        img = cv2.imdecode(data, flags)
-    except cv2.error as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else "decoder error"
-        raise ImageReadError(path, f"not a decodable image ({fmt}: {msg})") from None
-    if img is None or img.size == 0:
-        raise ImageReadError(path, f"not a decodable image (corrupt or truncated {fmt.upper()} data)")
-    if fmt == "jpeg" and _gray_filled_tail(img):
-        raise ImageReadError(
-            path, "truncated JPEG (scan data ends early; the decoder filled the last rows with flat gray)"
-        )
-    if img.ndim == 3 and img.shape[2] > 4:  # multi-page TIFF decoded as channels is not a thing
-        raise ImageReadError(path, f"unsupported image layout {img.shape}")
-    try:
-        img = _to_gray(img)
-    except ValueError as e:
-        raise ImageReadError(path, str(e)) from None
-    return np.ascontiguousarray(_normalise_dtype(img))
+    img = _decode(path, data)
+    if img is not None:
+        return img
+    if path.suffix.lower() == ".dcm":  # DICOM without the 128-byte preamble
+        return read_dicom(path)
+    raise ImageReadError(path, _undecodable(path, data))
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
@@ -637,17 +536,22 @@ def _dicom_to_uint8(ds, path: Path, window) -> np.ndarray:
 
             rgb = convert_color_space(rgb, photometric, "RGB")
         return cv2.cvtColor(np.ascontiguousarray(rgb[..., :3]), cv2.COLOR_RGB2GRAY)
+    return np.ascontiguousarray(_gray_uint8(ds, arr, window))
+
+
+def _gray_uint8(ds, arr: np.ndarray, window) -> np.ndarray:
+    """Stored gray values (one frame or a stack) -> ``uint8``: CT through HU and the window,
+    other modalities by their own range; MONOCHROME1 inverted."""
+    from pydicom.pixels import apply_modality_lut
+
     if _is_ct_like(ds):
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        hu = arr.astype(np.float64) * slope + intercept
-        out = apply_window(hu, window)
+        out = apply_window(apply_modality_lut(arr, ds), window)
     else:
         # X-ray (CR / DX) has no calibrated unit: use the image's own range.
         out = to_uint8(arr.astype(np.float64))
-    if photometric == "MONOCHROME1":
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
         out = 255 - out
-    return np.ascontiguousarray(out)
+    return out
 
 
 def read_dicom(path: str | os.PathLike, window: str | Sequence[float] = "lung") -> np.ndarray:
@@ -839,16 +743,7 @@ def _read_multiframe_dicom(path: Path, window) -> list[np.ndarray]:
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     if frames <= 1 or spp != 1:
         return [_dicom_to_uint8(ds, path, window)]
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if _is_ct_like(ds):
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        out = apply_window(arr.astype(np.float64) * slope + intercept, window)
-    else:
-        out = to_uint8(arr.astype(np.float64))
-    if photometric == "MONOCHROME1":
-        out = 255 - out
-    return [np.ascontiguousarray(f) for f in out]
+    return [np.ascontiguousarray(f) for f in _gray_uint8(ds, arr, window)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -859,6 +754,48 @@ def _read_multiframe_dicom(path: Path, window) -> list[np.ndarray]:
 def _is_readable_kind(p: Path) -> bool:
     suf = p.suffix.lower()
     return suf in config.IMAGE_EXTENSIONS or suf == ".dcm" or is_nifti_path(p)
+
+
+def _read_entry(p: Path, key: str, window) -> Iterator[tuple[str, np.ndarray]]:
+    """The image(s) of one file: a NIfTI's slices, a multi-frame DICOM's frames, or one image."""
+    if is_nifti_path(p):
+        for k, s in enumerate(read_volume(p, window)):
+            yield f"{key}#z{k:04d}", s
+        return
+    if p.suffix.lower() == ".dcm":
+        ds = _dcmread(p)
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            for k, s in enumerate(_read_multiframe_dicom(p, window)):
+                yield f"{key}#f{k:04d}", s
+        else:
+            yield key, _dicom_to_uint8(ds, p, window)
+        return
+    yield key, read_image(p)
+
+
+def _folder_entries(root: Path, handle: Callable[[ImageReadError], None]) -> Iterator[tuple[Path, str]]:
+    """``(file, key)`` for every readable file under ``root``, folder by folder in sorted order:
+    a folder's DICOM slices first, in body-axis order, then its other images by name."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        d = Path(dirpath)
+        files = [d / f for f in sorted(filenames) if not f.startswith(".")]
+        dicoms = [p for p in files if p.suffix.lower() == ".dcm" or (p.suffix == "" and is_dicom_file(p))]
+        rel_dir = d.relative_to(root).as_posix()
+        prefix = "" if rel_dir == "." else rel_dir + "/"
+        # Headers first, so that slices come out in body-axis order, not file-name order.
+        headed = []
+        for p in dicoms:
+            try:
+                headed.append((p, _dcmread(p, stop_before_pixels=True)))
+            except ImageReadError as e:
+                handle(e)
+        headed.sort(key=lambda t: dicom_sort_key(t[1], t[0].name))
+        for p, _ in headed:
+            yield p, prefix + p.name
+        for p in files:
+            if p not in dicoms and _is_readable_kind(p) and p.suffix.lower() != ".dcm":
+                yield p, prefix + p.name
 
 
 def iter_images(
@@ -899,48 +836,9 @@ def iter_images(
         if errors == "warn":
             warnings.warn(f"skipped unreadable file {exc}", UserWarning, stacklevel=3)
 
-    def one_file(p: Path, key: str) -> Iterator[tuple[str, np.ndarray]]:
+    entries = _folder_entries(root, handle) if root.is_dir() else iter([(root, root.name)])
+    for p, key in entries:
         try:
-            if is_nifti_path(p):
-                slices = read_volume(p, window)
-                for k, s in enumerate(slices):
-                    yield f"{key}#z{k:04d}", s
-                return
-            if p.suffix.lower() == ".dcm":
-                ds = _dcmread(p)
-                if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-                    for k, s in enumerate(_read_multiframe_dicom(p, window)):
-                        yield f"{key}#f{k:04d}", s
-                else:
-                    yield key, _dicom_to_uint8(ds, p, window)
-                return
-            yield key, read_image(p)
+            yield from _read_entry(p, key, window)
         except ImageReadError as e:
             handle(e)
-
-    if not root.is_dir():
-        yield from one_file(root, root.name)
-        return
-
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        d = Path(dirpath)
-        files = [d / f for f in sorted(filenames) if not f.startswith(".")]
-        dicoms = [p for p in files if p.suffix.lower() == ".dcm" or (p.suffix == "" and is_dicom_file(p))]
-        rel_dir = d.relative_to(root).as_posix()
-        prefix = "" if rel_dir == "." else rel_dir + "/"
-        if dicoms:
-            # Read headers first so slices come out in body-axis order, not file-name order.
-            headed = []
-            for p in dicoms:
-                try:
-                    headed.append((p, _dcmread(p, stop_before_pixels=True)))
-                except ImageReadError as e:
-                    handle(e)
-            headed.sort(key=lambda t: dicom_sort_key(t[1], t[0].name))
-            for p, _ in headed:
-                yield from one_file(p, prefix + p.name)
-        for p in files:
-            if p in dicoms or not _is_readable_kind(p) or p.suffix.lower() == ".dcm":
-                continue
-            yield from one_file(p, prefix + p.name)

@@ -5,6 +5,8 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import covidlib  # noqa: E402,F401  before any test module loads cv2: it sets OpenCV's pixel cap
+
 from pathlib import Path
 
 import pandas as pd

@@ -513,34 +513,41 @@ def test_enhance_tree_same_bytes_with_one_and_two_workers(tmp_path):
     assert tree_hash(tmp_path / "w1") == tree_hash(tmp_path / "w2")
 
 
-def test_chunk_sizes_cover_all_tasks_and_shrink_to_single_images():
-    for n, w in [(1, 2), (7, 2), (200, 2), (5000, 8)]:
-        sizes = EB._chunk_sizes(n, w)
-        assert sum(sizes) == n and all(1 <= s <= 64 for s in sizes)
-        assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 1
+def test_one_worker_runs_in_this_process_without_a_pool(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    make_tree(src)
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("workers=1 must not start a process pool")
+
+    import concurrent.futures
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", no_pool)
+    s = EB.enhance_tree(src, tmp_path / "out", workers=1, progress=False)
+    assert s["written"] == 6 and s["workers"] == 1
 
 
-def test_worker_pool_is_kept_and_replaced_when_a_worker_dies(tmp_path):
-    import signal
-    import time
+_UNGUARDED_SCRIPT = """
+from covidlib import enhance_batch as EB
+EB.enhance_tree({src!r}, {dst!r}, workers=2, progress=False)
+"""
+
+
+def test_a_script_without_the_main_guard_gets_a_clear_error(tmp_path):
+    """Workers are started with "spawn", which re-runs the caller's script: without Python's
+    ``if __name__ == "__main__":`` guard the pool breaks; the caller is told why."""
+    import subprocess
+    import sys
 
     src = tmp_path / "src"
     make_tree(src)
-    ref = EB.enhance_tree(src, tmp_path / "w1", workers=1, progress=False)
-    EB.enhance_tree(src, tmp_path / "a", workers=2, progress=False)
-    pool = EB._POOL[1]
-    EB.enhance_tree(src, tmp_path / "b", workers=2, progress=False)
-    assert EB._POOL[1] is pool  # the second pass reused the workers
-    # a worker killed while the pool is idle: the next pass starts a fresh pool and succeeds
-    for proc in list(pool._processes.values()):
-        os.kill(proc.pid, signal.SIGKILL)
-    deadline = time.time() + 10
-    while not getattr(pool, "_broken", False) and time.time() < deadline:
-        time.sleep(0.05)
-    s = EB.enhance_tree(src, tmp_path / "c", workers=2, progress=False)
-    assert s["written"] == ref["written"] and s["n_failed"] == 0
-    assert EB._POOL[1] is not pool
-    assert tree_hash(tmp_path / "c") == tree_hash(tmp_path / "w1") == tree_hash(tmp_path / "a")
+    script = tmp_path / "unguarded.py"
+    script.write_text(_UNGUARDED_SCRIPT.format(src=str(src), dst=str(tmp_path / "out")))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 1 and last.startswith("RuntimeError: an enhancement worker process died"), last
+    assert 'needs `if __name__ == "__main__":`' in last
+    assert not list((tmp_path / "out").rglob("*.enh-tmp"))
 
 
 def test_enhance_tree_dst_inside_src_and_name_collisions(tmp_path):
@@ -610,51 +617,59 @@ def test_enhance_manifest_bbox_outside_image_reported(tmp_path):
     assert len(res) == 0 and s["n_failed"] == 1 and "outside" in s["failed"][0]["reason"]
 
 
-def test_worker_start_hides_and_restores_main_module():
-    import sys
+_CTRL_C_SCRIPT = """
+import multiprocessing, os, time
+from covidlib import enhance_batch as EB
 
-    main = sys.modules["__main__"]
-    before = (getattr(main, "__spec__", None), getattr(main, "__file__", None))
-    with EB._main_not_reimported():
-        assert main.__spec__ is None and not hasattr(main, "__file__")
-    assert (getattr(main, "__spec__", None), getattr(main, "__file__", None)) == before
+_run = EB._run_steps
 
 
-def test_ctrl_c_reaches_the_caller_not_the_kept_workers(tmp_path):
-    """SIGINT to the process group (Ctrl-C in a terminal, papermill stopping a kernel) must not
-    kill the idle kept workers with a traceback each: the caller handles it."""
+def slow(*args):  # each image takes 50 ms, so the pass is still running when Ctrl-C comes
+    open(os.path.join({busy!r}, str(os.getpid())), "w").close()  # this worker is at work
+    time.sleep(0.05)
+    return _run(*args)
+
+
+EB._run_steps = slow  # module level: the spawned workers run this too
+
+if __name__ == "__main__":
+    try:
+        EB.enhance_tree({src!r}, {dst!r}, workers=2, progress=False)
+        print("PASS DONE", flush=True)
+    except KeyboardInterrupt:
+        print("CALLER INTERRUPTED", len(multiprocessing.active_children()), flush=True)
+"""
+
+
+def test_ctrl_c_stops_the_pass_and_leaves_nothing_half_written(tmp_path):
+    """SIGINT to the process group (Ctrl-C in a terminal, papermill stopping a kernel) during a
+    2-worker pass: the caller gets KeyboardInterrupt once the running chunks are done; workers
+    print no traceback and are gone; every output in dst is complete; no temporary file is left."""
     import signal
     import subprocess
     import sys
     import time
 
-    src = tmp_path / "src"
-    make_tree(src)
+    src, dst = tmp_path / "src", tmp_path / "out"
+    for i in range(60):
+        write_png(src / f"{i:02d}.png", ct_phantom(64, seed=i))
     script = tmp_path / "run.py"
-    script.write_text(
-        "import sys, time\n"
-        "from covidlib import enhance_batch as EB\n"
-        f"EB.enhance_tree({str(src)!r}, {str(tmp_path / 'out')!r}, workers=2, progress=False)\n"
-        # the signal is sent once PASS DONE is read: print it inside the try, or the signal can
-        # land between the print and the try (seen once in a fresh-clone test run)
-        "try:\n"
-        "    print('PASS DONE', flush=True)\n"
-        "    time.sleep(60)\n"
-        "except KeyboardInterrupt:\n"
-        "    print('CALLER INTERRUPTED', flush=True)\n"
-    )
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    script.write_text(_CTRL_C_SCRIPT.format(src=str(src), dst=str(dst), busy=str(busy)))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
-    lines = []
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if "PASS DONE" in line or not line:
-            break
+    # Ctrl-C once both workers are at work (one still starting up would die of it, as any
+    # Python process does before it can ignore the signal)
+    while time.time() < deadline and proc.poll() is None and len(os.listdir(busy)) < 2:
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-    out = "".join(lines) + out
-    assert "PASS DONE" in out and "CALLER INTERRUPTED" in out
-    assert "Traceback" not in out and "KeyboardInterrupt" not in out
+    out, _ = proc.communicate(timeout=120)
+    assert "CALLER INTERRUPTED 0" in out, out[-3000:]  # interrupted mid-pass, no worker left
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    pngs = list(dst.rglob("*.png"))
+    assert 0 < len(pngs) < 60
+    assert all(EB._read_stamp(str(p)) and cv2.imread(str(p), cv2.IMREAD_UNCHANGED) is not None for p in pngs)
+    assert not [p for p in dst.rglob("*") if p.name.endswith(".enh-tmp")]

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import warnings
 
-import cv2
 import numpy as np
 import pytest
 
-from covidlib import images as cimg
+# covidlib before cv2: OpenCV reads its pixel cap (covidlib's 2**27) once, when cv2 is loaded.
+from covidlib import images as cimg  # isort: skip
+import cv2  # noqa: E402  isort: skip
 
 try:
     from malformed import (MALFORMED_EXPECTATIONS, MALFORMED_REASONS, MALFORMED_VOLUMES, tree_snapshot,
@@ -332,17 +335,79 @@ def test_every_format_is_capped_from_its_header_and_the_reason_names_it(tmp_path
     assert tree_snapshot(folder) == before
 
 
-def test_header_size_parsers_read_bigtiff_and_late_ifds():
-    try:
-        from malformed import bigtiff_bomb, tiff_ifd_at_end
-    except ImportError:
-        from tests.malformed import bigtiff_bomb, tiff_ifd_at_end
-    assert cimg._tiff_size(bigtiff_bomb(300, 200)) == (300, 200)
-    assert cimg._tiff_size(tiff_ifd_at_end(300, 200, pad=70_000)) == (300, 200)
-    # real TIFFs (OpenCV writes the IFD after the pixels) still read
-    img = gradient(40, 50)
-    data = cv2.imencode(".tif", img)[1].tobytes()
-    assert cimg._tiff_size(data) == (50, 40)
+def _png_header_bomb(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height 8-bit gray pixels; its data is a few bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
+
+
+_CAP_PROBE = """
+import sys
+{first}
+from covidlib import images
+import cv2
+try:
+    images.read_image(sys.argv[1])
+    print(images.MAX_IMAGE_PIXELS, "decoded")
+except images.ImageReadError as e:
+    print(images.MAX_IMAGE_PIXELS, e.reason)
+"""
+
+
+def _probe_cap(path, first: str = "", env: dict | None = None) -> str:
+    """Read ``path`` in a fresh interpreter (OpenCV's cap is fixed when cv2 loads)."""
+    run_env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    run_env.update(env or {})
+    out = subprocess.run([sys.executable, "-c", _CAP_PROBE.format(first=first), str(path)],
+                         capture_output=True, text=True, env=run_env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip()
+
+
+def test_pixel_cap_is_opencvs_own_and_covidlib_sets_it(tmp_path):
+    """Between covidlib's cap (2**27) and OpenCV's default (2**30): refused from the header,
+    before decoding, wherever covidlib loads cv2; MAX_IMAGE_PIXELS reports the cap in force."""
+    bomb = tmp_path / "bomb_12000x12000.png"
+    bomb.write_bytes(_png_header_bomb(12000, 12000))  # 144 Mpx
+    cap, reason = _probe_cap(bomb).split(" ", 1)
+    assert int(cap) == cimg.MAX_IMAGE_PIXELS == 2**27
+    assert reason.startswith("image dimensions exceed the cap of 134,217,728 pixels (OPENCV_IO_MAX_IMAGE_PIXELS")
+    # cv2 loaded first: OpenCV keeps its default (the file is decoded: its data is short)
+    cap, reason = _probe_cap(bomb, first="import cv2").split(" ", 1)
+    assert int(cap) == 2**30 and "exceed the cap" not in reason
+    # the user's own setting wins, in OpenCV's notation
+    small = write_image(tmp_path / "small.png", gradient(40, 50))
+    assert _probe_cap(small, env={"OPENCV_IO_MAX_IMAGE_PIXELS": "1000"}).startswith("1000 image dimensions exceed")
+    assert _probe_cap(small, env={"OPENCV_IO_MAX_IMAGE_PIXELS": "2Kb"}) == "2048 decoded"
+
+
+def test_importing_covidlib_sets_the_cap_before_anything_loads_cv2():
+    """In a notebook kernel covidlib's __init__ imports TensorFlow, which loads cv2: the cap must
+    be in the environment before that, i.e. set by the package itself, not by covidlib.images."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    code = "import os, sys, covidlib; print('cv2' in sys.modules, os.environ.get('OPENCV_IO_MAX_IMAGE_PIXELS'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["False", str(2**27)], out.stdout + out.stderr[-2000:]
+
+
+def test_dicom_preamble_under_an_image_name_reads_as_dicom(tmp_path):
+    p = write_ct_dicom(tmp_path / "ct.dcm", HU)
+    disguised = tmp_path / "scan.png"
+    disguised.write_bytes(p.read_bytes())
+    np.testing.assert_array_equal(cimg.read_image(disguised), lung_window(HU))
+
+
+def test_any_format_opencv_decodes_reads_by_content(tmp_path):
+    img = gradient()
+    p = tmp_path / "really_webp.png"
+    p.write_bytes(cv2.imencode(".webp", img, [cv2.IMWRITE_WEBP_QUALITY, 101])[1].tobytes())  # lossless
+    np.testing.assert_array_equal(cimg.read_image(p), img)
 
 
 def test_jpeg_gray_fill_check_leaves_real_jpegs_alone(tmp_path):
@@ -378,16 +443,6 @@ def test_colour_jpeg_decodes_to_the_same_gray_as_a_colour_decode(tmp_path):
     out = cimg.read_image(p)
     assert out.shape == (96, 80) and out.dtype == np.uint8
     assert np.abs(out.astype(int) - expected).max() <= 1
-
-
-def test_read_without_readv_and_with_short_reads(tmp_path, monkeypatch):
-    # the os.read fallback (Windows has no readv), fed a few bytes at a time like a slow share
-    img = gradient()
-    p = write_image(tmp_path / "a.png", img)
-    real_read = os.read
-    monkeypatch.setattr(cimg, "_HAVE_READV", False)
-    monkeypatch.setattr(cimg.os, "read", lambda fd, n: real_read(fd, min(n, 7)))
-    np.testing.assert_array_equal(cimg.read_image(p), img)
 
 
 @pytest.mark.skipif(not hasattr(__import__("socket"), "AF_UNIX"), reason="no Unix sockets")

@@ -47,6 +47,12 @@ def test_cli_help_is_fast_and_complete():
         sub = subprocess.run([sys.executable, "-m", "covidlib", cmd, "--help"],
                              capture_output=True, text=True, timeout=60)
         assert sub.returncode == 0 and "usage" in sub.stdout
+    # "Fast" without a timing: building the parser reads no notebook and loads no framework.
+    code = ("import sys; from covidlib import cli; cli.build_parser(); "
+            "bad = {'keras', 'tensorflow', 'papermill', 'cv2'} & set(sys.modules); "
+            "sys.exit(str(sorted(bad)) if bad else 0)")
+    heavy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert heavy.returncode == 0, heavy.stderr
 
 
 def test_every_subcommand_is_registered():
