@@ -76,3 +76,17 @@ def test_cli_bad_input_is_one_clear_line(tmp_path):
                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and "error" in out.stderr
+
+
+def test_no_library_function_is_longer_than_80_lines():
+    """Functions a reader holds in their head: split a longer one into named steps."""
+    import ast
+
+    long = []
+    for path in sorted((Path(cli.__file__).parent).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 80:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, long
