@@ -390,18 +390,19 @@ def _build_with_imagenet(ctor, kwargs: dict, backbone: str, img_size: int) -> ke
 def set_batchnorm_momentum(model: keras.Model, momentum: float) -> int:
     """Set the momentum of every BatchNormalization layer in ``model``; return how many."""
     n = 0
-    for layer in _walk_layers(model):
+    for layer in walk_layers(model):
         if isinstance(layer, layers.BatchNormalization):
             layer.momentum = float(momentum)
             n += 1
     return n
 
 
-def _walk_layers(model):
+def walk_layers(model):
+    """Every layer of ``model``, nested models' layers included (depth first)."""
     for layer in model.layers:
         yield layer
         if hasattr(layer, "layers"):
-            yield from _walk_layers(layer)
+            yield from walk_layers(layer)
 
 
 def build_model(

@@ -23,7 +23,7 @@ import numpy as np
 import keras
 from keras import layers, ops
 
-from covidlib.models import BackbonePreprocess
+from covidlib.models import BackbonePreprocess, walk_layers
 
 
 @keras.saving.register_keras_serializable(package="covidlib")
@@ -198,7 +198,7 @@ def recalibrate_batchnorm(backbone: keras.Model, preprocess: str, batches: Itera
     Each layer's batch mean and variance are averaged over the batches (momentum ``k / (k + 1)``
     at batch ``k``); the momenta are put back after. Returns the number of images used.
     """
-    norms = [layer for layer in _walk(backbone) if isinstance(layer, layers.BatchNormalization)]
+    norms = [layer for layer in walk_layers(backbone) if isinstance(layer, layers.BatchNormalization)]
     saved = [bn.momentum for bn in norms]
     prep = BackbonePreprocess(preprocess)
     seen = 0
@@ -212,13 +212,6 @@ def recalibrate_batchnorm(backbone: keras.Model, preprocess: str, batches: Itera
         for bn, m in zip(norms, saved):
             bn.momentum = m
     return seen
-
-
-def _walk(model):
-    for layer in model.layers:
-        yield layer
-        if hasattr(layer, "layers"):
-            yield from _walk(layer)
 
 
 class ImageBatches(keras.utils.PyDataset):

@@ -36,7 +36,7 @@ def _raw_batch(n: int = 3, seed: int = 0) -> np.ndarray:
 
 
 def _bn_layers(model):
-    return [l for l in models._walk_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
+    return [l for l in models.walk_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
 
 
 @pytest.fixture(scope="module")

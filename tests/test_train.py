@@ -76,7 +76,7 @@ def test_mobilenetv2_with_keras_bn_momentum_collapses(tiny_ct_manifest, tmp_path
     y_tr = np.eye(3, dtype="float32")[store.labels(CLASSES, tr)]
     keras.utils.set_random_seed(0)
     model = models.build_model("MobileNetV2", 3, S, augment=False, bn_momentum=None)
-    bns = [l for l in models._walk_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
+    bns = [l for l in models.walk_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
     assert {l.momentum for l in bns} == {0.999}
     model.compile(keras.optimizers.Adam(1e-3), "categorical_crossentropy", run_eagerly=True)
     model.fit(x_tr, y_tr, batch_size=18, epochs=2, shuffle=True, verbose=0)
