@@ -1,0 +1,15 @@
+#!/bin/bash
+# Issue 16's UCSD COVID-CT experiment, as it was run (2 CPU cores, no GPU).
+# Usage: bash reports/ucsd-ct-dev-ssl/run.sh ../shared/data /tmp/ucsd   (data root, work folder)
+set -euo pipefail
+DATA=${1:-../shared/data}; WORK=${2:-/tmp/ucsd}
+HERE=$(cd "$(dirname "$0")" && pwd)
+python "$HERE/make_csv.py" "$DATA" "$WORK"
+COMMON=(-p DATASET "$WORK/ucsd_dev.csv" -p XRAY_DATASET None -p RUN_ABLATION False -p IMG_SIZE 96
+        -p TTA_VIEWS 8 -p EXTERNAL_DATASET "$WORK/mosmed_external.csv")
+python -m covidlib run --quiet "${COMMON[@]}" -p EPOCHS 10 -p RUN_DIR "$WORK/scratch"
+python -m covidlib run --quiet "${COMMON[@]}" -p EPOCHS 10 -p ENHANCEMENT lungcrop+wb+clahe \
+    -p RUN_DIR "$WORK/lungcrop"
+python -m covidlib run --quiet "${COMMON[@]}" -p PRETRAIN_EPOCHS 20 -p EPOCHS 5 -p FINE_TUNE_EPOCHS 5 \
+    -p FINE_TUNE_LR 0.0001 -p RUN_DIR "$WORK/pretrain"
+python "$HERE/table.py" "$WORK" scratch lungcrop pretrain > "$HERE/table.md"
