@@ -300,3 +300,23 @@ class PhaseCSVLogger(keras.callbacks.CSVLogger):
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, {**(logs or {}), "phase": self.phase})
+
+
+def truncate_history(history_csv: Path, keep_before: int) -> None:
+    """Drop logged epochs that a resume will run again (backups are not taken every epoch).
+
+    Shared by training and pretraining resumes: their ``CSVLogger`` files have an ``epoch`` column.
+    """
+    import pandas as pd
+
+    if not history_csv.is_file():
+        return
+    try:
+        h = pd.read_csv(history_csv)
+    except pd.errors.EmptyDataError:  # opened by CSVLogger, killed before its first row
+        h = pd.DataFrame()
+    if "epoch" not in h or not (h["epoch"] < keep_before).any():
+        # Nothing kept: CSVLogger then writes a fresh header (an old one may lack a column).
+        history_csv.unlink()
+    elif (h["epoch"] >= keep_before).any():
+        atomic_write_text(history_csv, h[h["epoch"] < keep_before].to_csv(index=False))

@@ -308,29 +308,12 @@ def _build(cfg: PretrainConfig, steps: int, jit: bool):
     return model
 
 
-def _truncate_history(path: Path, keep_before: int) -> None:
-    """Drop logged epochs a resume trains again (backups are not taken every epoch)."""
-    import pandas as pd
-
-    from covidlib.fsutil import atomic_write_text
-
-    if not path.is_file():
-        return
-    try:
-        h = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        h = pd.DataFrame()
-    if "epoch" not in h or not (h["epoch"] < keep_before).any():
-        path.unlink()
-    elif (h["epoch"] >= keep_before).any():
-        atomic_write_text(path, h[h["epoch"] < keep_before].to_csv(index=False))
-
-
 def _fit(images, cfg: PretrainConfig, work: Path, verbose: int | str, extra: list | None):
     """SimSiam ``fit`` over ``images`` from the backup in ``work`` (if any); returns the model."""
     import keras
 
-    from covidlib.callbacks import BudgetedBackupAndRestore, read_backup, restore_backup
+    from covidlib.callbacks import (BudgetedBackupAndRestore, read_backup, restore_backup,
+                                    truncate_history)
     from covidlib.simsiam import ImageBatches
 
     backup_dir = work / "backup"
@@ -348,7 +331,7 @@ def _fit(images, cfg: PretrainConfig, work: Path, verbose: int | str, extra: lis
             restore_backup(model, backup_dir, state)
             done = state["epoch"]
         if done < cfg.epochs and not _state_finished(state):
-            _truncate_history(work / "history.csv", done)
+            truncate_history(work / "history.csv", done)
             backup = BudgetedBackupAndRestore(backup_dir)
             backup.resume_state = state
             loader.seek(done)

@@ -26,7 +26,8 @@ from covidlib import config, distribute
 from covidlib.fsutil import atomic_write_text
 from covidlib.arraystore import ArrayLoader, ArrayStore, build_store, class_weights, manifest_fingerprint
 from covidlib.callbacks import (BestWeights, BudgetedBackupAndRestore, EpochTensorBoard,
-                                PhaseCSVLogger, load_best_weights, read_backup, restore_backup)
+                                PhaseCSVLogger, load_best_weights, read_backup, restore_backup,
+                                truncate_history)
 from covidlib.models import build_model, check_unfreeze, resolve_weights_file, set_backbone_trainable
 from covidlib.runner import notebook_field
 
@@ -246,21 +247,6 @@ def _best_so_far(history_csv: Path) -> float | None:
         return None
 
 
-def _truncate_history(history_csv: Path, keep_before: int) -> None:
-    """Drop logged epochs that a resume will run again (backups are not taken every epoch)."""
-    if not history_csv.is_file():
-        return
-    try:
-        h = pd.read_csv(history_csv)
-    except pd.errors.EmptyDataError:  # opened by CSVLogger, killed before its first row
-        h = pd.DataFrame()
-    if "epoch" not in h or not (h["epoch"] < keep_before).any():
-        # Nothing kept: CSVLogger then writes a fresh header (an old one may lack a column).
-        history_csv.unlink()
-    elif (h["epoch"] >= keep_before).any():
-        atomic_write_text(history_csv, h[h["epoch"] < keep_before].to_csv(index=False))
-
-
 def _callbacks(model_dir: Path, cfg: TrainConfig, phase: str, extra: list | None,
                io: Callable[[], ContextManager] | None = None) -> list:
     """The callbacks of one phase's ``fit``; ``phase`` is ``"phase1"`` or ``"phase2"``.
@@ -334,7 +320,7 @@ def _run_phase(job: _Fitting, model_dir: Path, cfg: TrainConfig, phase: int, sta
         done = state["epoch"]
         if state.get("finished") or done >= stop:
             return done
-    _truncate_history(work_dir / "history.csv", done)
+    truncate_history(work_dir / "history.csv", done)
     cbs = _callbacks(work_dir, cfg, f"phase{phase}", job.extra,
                      job.plan.host_io if job.plan.distributed else None)
     backup = next(cb for cb in cbs if isinstance(cb, BudgetedBackupAndRestore))
