@@ -176,7 +176,7 @@ class Fit:
                             epochs=1 + args.epochs, seed=0,
                             mixed_precision="on" if args.mixed_precision else "off",
                             jit_compile=args.jit)
-        _, jit = T._policy(cfg, T.gpu_available())
+        _, jit = T.precision_policy(cfg)
         self.model = build_model(backbone, nc, args.size, augment=(variant == "ours"), seed=0)
         T._compile(self.model, cfg.learning_rate, nc, jit)
         self.first, self.last = _timers()

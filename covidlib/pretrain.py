@@ -282,15 +282,6 @@ def output_file(out: str | os.PathLike, backbone: str) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
-def _policy(cfg: PretrainConfig) -> tuple[bool, bool]:
-    from covidlib.train import gpu_available
-
-    gpu = gpu_available()
-    mixed = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and gpu)
-    jit = cfg.jit_compile == "on" or (cfg.jit_compile == "auto" and gpu)
-    return mixed, jit
-
-
 def _build(cfg: PretrainConfig, steps: int, jit: bool):
     """The compiled SimSiam model around a fresh (or ``init_weights``) backbone."""
     import keras
@@ -315,10 +306,11 @@ def _fit(images, cfg: PretrainConfig, work: Path, verbose: int | str, extra: lis
     from covidlib.callbacks import (BudgetedBackupAndRestore, read_backup, restore_backup,
                                     truncate_history)
     from covidlib.simsiam import ImageBatches
+    from covidlib.train import precision_policy
 
     backup_dir = work / "backup"
     state = read_backup(backup_dir)
-    mixed, jit = _policy(cfg)
+    mixed, jit = precision_policy(cfg)
     previous = keras.mixed_precision.global_policy().name
     if mixed:
         keras.mixed_precision.set_global_policy("mixed_float16")

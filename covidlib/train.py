@@ -218,7 +218,10 @@ def prediction_collapse(probs: np.ndarray, min_std: float = 0.05) -> bool:
     return bool(one_class and float(probs.std(axis=0).max()) < min_std)
 
 
-def _policy(cfg: TrainConfig, gpu: bool) -> tuple[bool, bool]:
+def precision_policy(cfg: Any, gpu: bool | None = None) -> tuple[bool, bool]:
+    """``(mixed precision, XLA)`` for a config with ``mixed_precision`` / ``jit_compile`` fields
+    (``"auto"`` = on with a GPU); shared by training and pretraining."""
+    gpu = gpu_available() if gpu is None else gpu
     mp = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and gpu)
     jit = cfg.jit_compile == "on" or (cfg.jit_compile == "auto" and gpu)
     return mp, jit
@@ -536,7 +539,7 @@ def _fit_model(store: ArrayStore, classes: list[str], cfg: TrainConfig, plan: di
                       stacklevel=3)
     cw = class_weights(y_tr, len(classes)) if cfg.imbalance == "class_weight" else None
 
-    mixed, jit = _policy(cfg, gpu_available())
+    mixed, jit = precision_policy(cfg)
     jit = jit and not plan.tf_strategy  # as Keras' own "auto": no XLA under tf.distribute
     previous_policy = keras.mixed_precision.global_policy().name
     if mixed:
