@@ -23,8 +23,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m covidlib run --quiet -p RUN_DIR reports/runs/demo -p ABLATION_SEEDS "[0]"
 
+# Two workers, one test file each at a time: module fixtures (the installed-wheel pipeline run)
+# stay in one process, and the long single-threaded parts (graph tracing, kernel start-up) of two
+# files overlap on a 2-core machine. `pytest tests/test_x.py` alone still runs in one process.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 notebooks: $(STAMP)
 	$(PY) tools/build_notebooks.py

@@ -36,6 +36,14 @@ def test_ci_runs_the_readme_test_command():
     assert re.search(r"^make test$", ci, re.M)
 
 
+def test_make_test_runs_the_suite_on_two_workers_one_file_each():
+    # Under 10 minutes on 2 cores needs two workers; --dist loadfile keeps each module's fixtures
+    # (the installed-wheel pipeline run feeds several tests) in one worker, run once.
+    make = (ROOT / "Makefile").read_text()
+    recipe = make.split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    assert re.search(r"-m pytest .*-n 2 --dist loadfile", recipe), recipe
+
+
 def test_cli_help_is_fast_and_complete():
     out = subprocess.run([sys.executable, "-m", "covidlib", "--help"], capture_output=True,
                          text=True, timeout=60)
