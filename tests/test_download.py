@@ -347,27 +347,24 @@ def test_download_http_error_and_offline(server, tmp_path):
 
 def test_dripping_server_hits_the_total_deadline(server, tmp_path):
     # One byte every 0.2 s never trips the 3 s idle timeout: the deadline stops it.
+    # The drip lasts 10 s (50 bytes): the deadline, not the drip's end or the idle timeout,
+    # stopped it, whatever the machine's load (no wall-clock assertion).
     dest = tmp_path / "slow.bin"
-    t0 = time.monotonic()
     with pytest.raises(DownloadError, match=r"total deadline of 1\.5 s passed \(deadline\)"):
         download_https(f"{server}/drip", dest, timeout=3, deadline=1.5, min_rate=None)
-    assert time.monotonic() - t0 < 4
-    assert not dest.exists() and dest.with_name("slow.bin.part").stat().st_size >= 1  # resumable
+    assert not dest.exists() and 1 <= dest.with_name("slow.bin.part").stat().st_size < 50  # resumable
 
 
 def test_dripping_headers_hit_the_total_deadline(server, tmp_path):
-    t0 = time.monotonic()
     with pytest.raises(DownloadError, match=r"deadline of 1 s passed \(deadline\)"):
         download_https(f"{server}/drip-headers", tmp_path / "h.bin", timeout=3, deadline=1)
-    assert time.monotonic() - t0 < 4
 
 
 def test_dripping_server_is_below_the_minimum_rate(server, tmp_path):
-    t0 = time.monotonic()
     with pytest.raises(DownloadError, match=r"below the minimum rate of 1,000 bytes/s \(min_rate\)"):
         download_https(f"{server}/drip", tmp_path / "slow.bin", timeout=3, deadline=None,
                        min_rate=1000, rate_grace=0.5)
-    assert time.monotonic() - t0 < 4
+    assert (tmp_path / "slow.bin.part").stat().st_size < 50  # stopped before the drip's end
     # A fast server passes the same limits.
     got = download_https(f"{server}/file.bin", tmp_path / "fast.bin", timeout=3, deadline=30,
                          min_rate=1000, rate_grace=0.0)

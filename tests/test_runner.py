@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nbformat
@@ -64,13 +63,11 @@ def test_issue_cases_fail_in_one_line_before_any_notebook(user, capsys, args, ex
     _images(tmp_path / ONE_CLASS, "covid/p1_1.png", "covid/p2_1.png")
     (tmp_path / "bad.yaml").write_text("EPOCHS: [1, 2\nIMG_SIZE: 64\n")
     (tmp_path / "a_file").write_text("not a folder")
-    t0 = time.monotonic()
     code, err = _cli_run(tmp_path, capsys, *args)
     assert code == 2, err
     assert err.startswith("covidlib run: error: ") and err.count("\n") == 1, err
     assert expected in err and "Traceback" not in err
     assert executed == [] and not (tmp_path / "run").exists()
-    assert time.monotonic() - t0 < 20
 
 
 def _kernelless_notebooks(dest: Path) -> Path:
@@ -87,19 +84,18 @@ def _kernelless_notebooks(dest: Path) -> Path:
     (["-p", "BACKBONES", '["Nope"]'], "BACKBONES=['Nope']"),
     (["--params", "bad.yaml"], "not valid YAML"),
 ])
-def test_command_line_errors_are_one_line_within_seconds(tmp_path, args, expected):
+def test_command_line_errors_are_one_line_before_any_kernel(tmp_path, args, expected):
     nb_dir = _kernelless_notebooks(tmp_path / "nb")
     (tmp_path / "bad.yaml").write_text("EPOCHS: 1\n  IMG_SIZE: 64\n")
     env = {**os.environ, "COVIDLIB_REPORTS": str(tmp_path / "reports"),
            "COVIDLIB_DATA": str(tmp_path / "data")}
-    t0 = time.monotonic()
+    # The notebooks name a kernel that does not exist: had any started, the error would be that.
     proc = subprocess.run([sys.executable, "-m", "covidlib", "run", "--notebooks", str(nb_dir), *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("covidlib run: error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert expected in proc.stderr and proc.stdout == ""
     assert not (tmp_path / "reports").exists()
-    assert time.monotonic() - t0 < 30
 
 
 def test_defaults_pass_and_plan_keeps_its_shape():
