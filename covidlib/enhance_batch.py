@@ -191,18 +191,31 @@ def _execute(tasks: list[tuple], steps, params, workers: int, progress: bool) ->
     bar = _progress_bar(len(tasks), progress and len(tasks) > 0, "enhance")
     try:
         if workers <= 1 or len(tasks) <= 1:
-            for i, t in enumerate(tasks):
-                results[i] = _process_chunk([t], steps, params)[0]
-                if bar is not None:
-                    bar.update(1)
-                if results[i][0] == "fatal":
-                    break
+            _execute_here(tasks, steps, params, bar, results)
         else:
             _execute_parallel(tasks, steps, params, workers, bar, results)
     finally:
         if bar is not None:
             bar.close()
     return results
+
+
+def _execute_here(tasks: list[tuple], steps, params, bar, results: list) -> None:
+    # One worker is one core, as in a pool worker and in a `covidlib run --parallel` job given
+    # one thread: OpenCV's own threads cost about a quarter more CPU on these small images for
+    # a few percent of wall time (BENCHMARKS.md, Enhancement). The caller's setting (a notebook
+    # kernel that trains next) is restored.
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        for i, t in enumerate(tasks):
+            results[i] = _process_chunk([t], steps, params)[0]
+            if bar is not None:
+                bar.update(1)
+            if results[i][0] == "fatal":
+                break
+    finally:
+        cv2.setNumThreads(threads)
 
 
 def _execute_parallel(tasks: list[tuple], steps, params, workers: int, bar, results: list) -> None:

@@ -431,6 +431,27 @@ def make_tree(root: Path) -> list[Path]:
     return files
 
 
+def test_one_worker_runs_opencv_on_one_thread_and_restores_the_callers_setting(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    make_tree(src)
+    seen = []
+    chunk = EB._process_chunk
+
+    def recording(*args):
+        seen.append(cv2.getNumThreads())
+        return chunk(*args)
+
+    monkeypatch.setattr(EB, "_process_chunk", recording)
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(2)  # the caller's own choice, e.g. a kernel that trains next
+    try:
+        s = EB.enhance_tree(src, tmp_path / "out", workers=1, progress=False)
+        assert cv2.getNumThreads() == 2
+    finally:
+        cv2.setNumThreads(before)
+    assert s["written"] == 6 and seen == [1] * 6
+
+
 def test_enhance_tree_mirrors_layout_and_resumes(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "out dir"
     make_tree(src)
