@@ -12,4 +12,6 @@ python -m covidlib run --quiet "${COMMON[@]}" -p EPOCHS 10 -p ENHANCEMENT lungcr
     -p RUN_DIR "$WORK/lungcrop"
 python -m covidlib run --quiet "${COMMON[@]}" -p PRETRAIN_EPOCHS 20 -p EPOCHS 5 -p FINE_TUNE_EPOCHS 5 \
     -p FINE_TUNE_LR 0.0001 -p RUN_DIR "$WORK/pretrain"
-python "$HERE/table.py" "$WORK" scratch lungcrop pretrain > "$HERE/table.md"
+python -m covidlib run --quiet "${COMMON[@]}" -p PRETRAIN_EPOCHS 20 -p EPOCHS 5 -p FINE_TUNE_EPOCHS 5 \
+    -p FINE_TUNE_LR 0.0001 -p ENHANCEMENT lungcrop+wb+clahe -p RUN_DIR "$WORK/pretrain_lungcrop"
+python "$HERE/table.py" "$WORK" scratch lungcrop pretrain pretrain_lungcrop > "$HERE/table.md"
