@@ -306,15 +306,12 @@ def _fit(images, cfg: PretrainConfig, work: Path, verbose: int | str, extra: lis
     from covidlib.callbacks import (BudgetedBackupAndRestore, read_backup, restore_backup,
                                     truncate_history)
     from covidlib.simsiam import ImageBatches
-    from covidlib.train import precision_policy
+    from covidlib.train import mixed_precision_scope, precision_policy
 
     backup_dir = work / "backup"
     state = read_backup(backup_dir)
     mixed, jit = precision_policy(cfg)
-    previous = keras.mixed_precision.global_policy().name
-    if mixed:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
+    with mixed_precision_scope(mixed):
         config.seed_everything(cfg.seed, deterministic_ops=True)
         loader = ImageBatches(images, cfg.batch_size, seed=cfg.seed)
         model = _build(cfg, len(loader), jit)
@@ -332,8 +329,6 @@ def _fit(images, cfg: PretrainConfig, work: Path, verbose: int | str, extra: lis
                       callbacks=[keras.callbacks.CSVLogger(str(work / "history.csv"), append=True),
                                  backup, *(extra or [])])
             backup.finish()
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
     return model
 
 

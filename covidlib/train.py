@@ -13,9 +13,10 @@ import os
 import shutil
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Iterator
 
 import numpy as np
 import pandas as pd
@@ -225,6 +226,18 @@ def precision_policy(cfg: Any, gpu: bool | None = None) -> tuple[bool, bool]:
     mp = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and gpu)
     jit = cfg.jit_compile == "on" or (cfg.jit_compile == "auto" and gpu)
     return mp, jit
+
+
+@contextmanager
+def mixed_precision_scope(mixed: bool) -> Iterator[None]:
+    """Keras' ``mixed_float16`` policy inside the block when ``mixed``; the caller's policy after."""
+    previous = keras.mixed_precision.global_policy().name
+    if mixed:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def _compile(model: keras.Model, lr: float, num_classes: int, jit: bool) -> None:
@@ -541,22 +554,16 @@ def _fit_model(store: ArrayStore, classes: list[str], cfg: TrainConfig, plan: di
 
     mixed, jit = precision_policy(cfg)
     jit = jit and not plan.tf_strategy  # as Keras' own "auto": no XLA under tf.distribute
-    previous_policy = keras.mixed_precision.global_policy().name
-    if mixed:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        with plan.active():
-            config.seed_everything(cfg.seed, deterministic_ops=True)
-            with plan.variable_scope():
-                model = build_model(cfg.backbone, len(classes), cfg.img_size, weights=cfg.weights,
-                                    head=cfg.head, dropout=cfg.dropout, augment=cfg.augment,
-                                    seed=cfg.seed, bn_momentum=cfg.bn_momentum)
-            job = _Fitting(model, train_loader, val_loader, cw, len(classes), jit, verbose, extra,
-                           plan, work_dir)
-            with plan.batchnorm_sync(model):
-                phase_epochs = _fit_phases(job, model_dir, cfg)
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
+    with mixed_precision_scope(mixed), plan.active():
+        config.seed_everything(cfg.seed, deterministic_ops=True)
+        with plan.variable_scope():
+            model = build_model(cfg.backbone, len(classes), cfg.img_size, weights=cfg.weights,
+                                head=cfg.head, dropout=cfg.dropout, augment=cfg.augment,
+                                seed=cfg.seed, bn_momentum=cfg.bn_momentum)
+        job = _Fitting(model, train_loader, val_loader, cw, len(classes), jit, verbose, extra,
+                       plan, work_dir)
+        with plan.batchnorm_sync(model):
+            phase_epochs = _fit_phases(job, model_dir, cfg)
     return model, phase_epochs
 
 

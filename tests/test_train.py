@@ -485,3 +485,16 @@ def test_missing_weights_file_is_refused_before_any_work(tmp_path):
     """A WEIGHTS path that does not exist fails in validate(), before images are enhanced."""
     with pytest.raises(FileNotFoundError, match="nothing.weights.h5"):
         train.TrainConfig(weights=str(tmp_path / "nothing.weights.h5")).validate()
+
+
+def test_mixed_precision_scope_restores_the_callers_policy_even_on_error():
+    # Training and pretraining both run inside it: a notebook kernel keeps its own policy after.
+    mixed_precision_scope = train.mixed_precision_scope
+    assert keras.mixed_precision.global_policy().name == "float32"
+    with mixed_precision_scope(False):
+        assert keras.mixed_precision.global_policy().name == "float32"
+    with pytest.raises(RuntimeError):
+        with mixed_precision_scope(True):
+            assert keras.mixed_precision.global_policy().name == "mixed_float16"
+            raise RuntimeError("a failed fit")
+    assert keras.mixed_precision.global_policy().name == "float32"
