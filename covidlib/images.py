@@ -793,8 +793,9 @@ def _folder_entries(root: Path, handle: Callable[[ImageReadError], None]) -> Ite
         headed.sort(key=lambda t: dicom_sort_key(t[1], t[0].name))
         for p, _ in headed:
             yield p, prefix + p.name
+        taken = set(dicoms)
         for p in files:
-            if p not in dicoms and _is_readable_kind(p) and p.suffix.lower() != ".dcm":
+            if p not in taken and _is_readable_kind(p) and p.suffix.lower() != ".dcm":
                 yield p, prefix + p.name
 
 
