@@ -98,3 +98,41 @@ def test_train_one_epoch_on_backend(backend: str, tmp_path: Path) -> None:
     assert res["train_epochs"] == 2
     assert {"model.keras", "best.weights.npz", "history.csv", "predictions_test.csv",
             "done.json"} <= set(res["train_files"])
+
+
+DONATION_CHILD = r"""
+import sys
+import numpy as np
+import keras
+from covidlib.callbacks import BestWeights, load_best_weights
+
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.BatchNormalization()])
+cb = BestWeights(sys.argv[1])
+cb.set_model(model)
+cb.on_epoch_end(0, {"val_auc": 0.7})  # first improvement: allocates the copy
+for w in model.weights:
+    w.assign(np.random.default_rng(0).normal(size=w.shape).astype("float32"))
+cb.on_epoch_end(1, {"val_auc": 0.8})  # later improvement: reuses it
+expected = model.get_weights()
+# What a JAX train step on a GPU does to the model's variables: their buffers are donated to
+# the step, i.e. deleted, and the variables get new ones. The best copy must not be among them.
+for w in model.weights:
+    w.value.delete()
+    w.assign(np.zeros(w.shape, "float32"))
+cb.flush()
+load_best_weights(model, sys.argv[1])
+assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), expected)), "best copy changed"
+print("OK")
+"""
+
+
+def test_best_weights_keep_their_own_buffers_when_jax_donates_the_models(tmp_path: Path) -> None:
+    """On a GPU, Keras' JAX trainer donates the variables' buffers to each train step (CPU does
+    not donate, so training tests never see it). Seen on an H200: the best-weights copy shared
+    the model's buffers and the end of training failed with 'Array has been deleted'."""
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "KERAS_HOME": str(tmp_path / "keras_home"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", DONATION_CHILD, str(tmp_path / "best.weights.npz")],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
