@@ -257,7 +257,7 @@ def _small_cnn(img_size: int, bn_momentum: float | None = 0.5) -> keras.Model:
 
 
 def build_backbone(backbone: str, img_size: int, weights: str | None = None,
-                   bn_momentum: float | None = 0.5) -> keras.Model:
+                   bn_momentum: float | None = 0.5, zero_residual: bool = False) -> keras.Model:
     """Build a headless backbone whose output is the last 4-D feature map.
 
     Args:
@@ -272,6 +272,8 @@ def build_backbone(backbone: str, img_size: int, weights: str | None = None,
             collapses to one class. 0.5 (a ~2-batch window) was the value that kept MobileNetV2's
             predictions apart in our small-data runs; use 0.9+ for long runs on large sets.
             Ignored for pretrained weights, whose statistics are already right.
+        zero_residual: when training from scratch, start every residual branch at zero
+            (:func:`zero_init_residual`). Ignored for pretrained weights.
 
     Raises:
         WeightsUnavailableError: ImageNet weights are not cached and cannot be downloaded.
@@ -308,7 +310,40 @@ def build_backbone(backbone: str, img_size: int, weights: str | None = None,
     model.name = "backbone"
     if weights is None and bn_momentum is not None:
         set_batchnorm_momentum(model, bn_momentum)
+    if weights is None and zero_residual:
+        zero_init_residual(model)
     return model
+
+
+def zero_init_residual(model: keras.Model) -> int:
+    """Zero the last layer of every residual branch, so each block starts as the identity.
+
+    The from-scratch recipe of Goyal et al. (2017) and He et al. ("Bag of tricks", 2019): the
+    signal first flows through the shortcuts and each block learns its correction. A ResNet
+    (V1) bottleneck ends in a batch norm (``*_block*_3_bn``: its gamma is zeroed), a ResNet V2
+    one in a convolution (``*_block*_3_conv``: its kernel and bias are zeroed); MobileNetV2's
+    inverted residuals that have a shortcut (``block_N_add``) end in a batch norm
+    (``block_N_project_BN``: its gamma is zeroed). DenseNet and SmallCNN have no residual
+    branches. Layer names are those of ``keras.applications``. Returns how many were zeroed.
+    """
+    names = {layer.name for layer in model.layers}
+    n = 0
+    for layer in model.layers:
+        name = layer.name
+        if "_block" in name and name.endswith("_3_bn") and isinstance(layer, layers.BatchNormalization):
+            targets = [layer.gamma]
+        elif ("_block" in name and name.endswith("_3_conv") and isinstance(layer, layers.Conv2D)
+              and name[: -len("_conv")] + "_bn" not in names):
+            targets = [layer.kernel] + ([layer.bias] if layer.use_bias else [])
+        elif (name.endswith("_project_BN") and isinstance(layer, layers.BatchNormalization)
+              and name[: -len("_project_BN")] + "_add" in names):
+            targets = [layer.gamma]
+        else:
+            continue
+        for var in targets:
+            var.assign(keras.ops.zeros(var.shape, var.dtype))
+        n += 1
+    return n
 
 
 def pretrain_meta_path(weights_file: str | os.PathLike) -> Path:
@@ -416,6 +451,7 @@ def build_model(
     augment: bool = True,
     seed: int = 0,
     bn_momentum: float | None = 0.5,
+    zero_residual: bool = False,
 ) -> keras.Model:
     """Build a classifier: raw 0..255 grayscale in, class probabilities out.
 
@@ -433,14 +469,14 @@ def build_model(
         dropout: dropout rate before the classifier.
         augment: include the augmentation block (active only while training).
         seed: seed of the augmentation layers.
-        bn_momentum: see :func:`build_backbone`.
+        bn_momentum, zero_residual: see :func:`build_backbone`.
     """
     if num_classes < 2:
         raise ValueError("num_classes must be >= 2")
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose one of {list(HEADS)}")
     spec = _spec(backbone)
-    base = build_backbone(backbone, img_size, weights, bn_momentum=bn_momentum)
+    base = build_backbone(backbone, img_size, weights, bn_momentum=bn_momentum, zero_residual=zero_residual)
     pretrained = weights is not None
     inputs = keras.Input((img_size, img_size, 1), name="image")
     x = inputs

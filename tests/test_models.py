@@ -212,6 +212,44 @@ def test_from_scratch_batchnorm_momentum(built):
     assert {l.momentum for l in _bn_layers(keep)} == {0.9}
 
 
+# (backbone, block output, that block's shortcut input): an identity shortcut on both sides
+_RESIDUAL_BLOCKS = [("ResNet50V2", "conv2_block2_out", "conv2_block1_out"),
+                    ("MobileNetV2", "block_2_add", "block_1_project_BN")]
+
+
+@pytest.mark.parametrize("name,block,shortcut", _RESIDUAL_BLOCKS)
+def test_zero_residual_makes_every_from_scratch_block_start_as_the_identity(name, block, shortcut):
+    keras.utils.set_random_seed(0)
+    base = models.build_backbone(name, S, None, zero_residual=True)
+    probe = keras.Model(base.inputs, [base.get_layer(block).output, base.get_layer(shortcut).output])
+    x = np.random.default_rng(0).normal(size=(2, S, S, 3)).astype("float32")
+    out, short = (np.asarray(t) for t in probe(x, training=False))
+    np.testing.assert_array_equal(out, short)  # shortcut + 0
+    keras.utils.set_random_seed(0)
+    plain = models.build_backbone(name, S, None)  # Keras' own init: the block adds its branch
+    probe = keras.Model(plain.inputs, [plain.get_layer(block).output, plain.get_layer(shortcut).output])
+    out, short = (np.asarray(t) for t in probe(x, training=False))
+    assert np.abs(out - short).max() > 0.01 * np.abs(short).max()
+
+
+def test_zero_init_residual_counts_the_residual_branches_of_each_backbone():
+    # ResNet50V2: 3+4+6+3 bottlenecks; MobileNetV2: the 10 inverted residuals with a shortcut;
+    # DenseNet concatenates instead of adding, SmallCNN is plain.
+    expected = {"ResNet50V2": 16, "MobileNetV2": 10, "DenseNet121": 0, "SmallCNN": 0}
+    for name, n in expected.items():
+        assert models.zero_init_residual(models.build_backbone(name, S, None)) == n, name
+
+
+def test_zero_residual_leaves_pretrained_weights_alone(tmp_path):
+    keras.utils.set_random_seed(3)
+    src = models.build_backbone("ResNet50V2", S, None)
+    path = tmp_path / "r.weights.h5"
+    src.save_weights(path)
+    loaded = models.build_backbone("ResNet50V2", S, str(path), zero_residual=True)
+    assert all(np.array_equal(a, b) for a, b in zip(src.get_weights(), loaded.get_weights()))
+    assert np.abs(loaded.get_layer("conv2_block1_3_conv").kernel.numpy()).max() > 0
+
+
 def test_weights_from_a_path(built, tmp_path):
     src = built("MobileNetV2").get_layer("backbone")
     path = tmp_path / "b.weights.h5"

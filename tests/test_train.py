@@ -100,6 +100,7 @@ def test_train_writes_a_complete_run(finished_run, tiny_ct_manifest_session):
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["backbone"] == "SmallCNN" and cfg["img_size"] == S and cfg["seed"] == 0
     assert cfg["enhancement"] == {"name": "none"}
+    assert cfg["zero_init_residual"] is True  # the from-scratch recipe is recorded with the run
     assert len(cfg["manifest_sha1"]) == 40
     hist = pd.read_csv(d / "history.csv")
     assert len(hist) == 2 and {"loss", "val_loss", "val_auc"} <= set(hist.columns)
