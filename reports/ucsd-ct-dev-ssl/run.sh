@@ -7,9 +7,10 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 python "$HERE/make_csv.py" "$DATA" "$WORK"
 COMMON=(-p DATASET "$WORK/ucsd_dev.csv" -p XRAY_DATASET None -p RUN_ABLATION False -p IMG_SIZE 96
         -p TTA_VIEWS 8 -p EXTERNAL_DATASET "$WORK/mosmed_external.csv")
-# scratch, lungcrop and the two pretrain rows were run before zero-initialised residual branches
-# became the from-scratch default (3ecd269); at that commit and later the scratch command gives the
-# scratch_zeroinit row (DenseNet121 has no residual branches: identical in both).
+# scratch and lungcrop were run before zero-initialised residual branches became the from-scratch
+# default (3ecd269); at that commit and later the scratch command gives the scratch_zeroinit row
+# (DenseNet121 has no residual branches: identical in both). The pretrain rows load pretrained
+# weights, which are never zero-initialised, so 3ecd269 does not change them.
 python -m covidlib run --quiet "${COMMON[@]}" -p EPOCHS 10 -p RUN_DIR "$WORK/scratch"
 python -m covidlib run --quiet "${COMMON[@]}" -p EPOCHS 10 -p RUN_DIR "$WORK/scratch_zeroinit"
 python -m covidlib run --quiet "${COMMON[@]}" -p EPOCHS 10 -p ENHANCEMENT lungcrop+wb+clahe \
