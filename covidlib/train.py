@@ -65,8 +65,8 @@ class TrainConfig:
         seed: seed of weights init, shuffling and augmentation.
         bn_momentum: batch-norm momentum when training from scratch.
         zero_init_residual: when training from scratch, every residual branch starts at zero
-            (:func:`covidlib.models.zero_init_residual`); ResNet50V2 learns the demo phantoms
-            and UCSD faster with it (README, "From scratch").
+            (:func:`covidlib.models.zero_init_residual`); measured gains: ResNet50V2 on the demo
+            phantoms, MobileNetV2 on UCSD (README, "From-scratch training").
         mixed_precision: ``"auto"`` (on with a GPU), ``"on"`` or ``"off"``.
         jit_compile: ``"auto"`` (XLA with a GPU), ``"on"`` or ``"off"``; off under TensorFlow's
             distribution strategies (Keras turns XLA off there).
