@@ -59,18 +59,14 @@ class BestWeights(keras.callbacks.Callback):
         weights = self.model.weights
         same = self.copies is not None and len(self.copies) == len(weights) and all(
             tuple(c.shape) == tuple(w.shape) for c, w in zip(self.copies, weights))
+        if not same:  # first improvement: allocate the copy once (never from w.value: on
+            # TensorFlow that would wrap the very same variable, not copy it)
+            self.copies = [keras.Variable(keras.ops.zeros(w.shape, w.dtype), trainable=False, name=f"best_{i}")
+                           for i, w in enumerate(weights)]
         # assign(ops.copy(w)), not assign(w): on JAX, assign keeps the very array it is given,
         # and on a GPU the next train step donates (deletes) the model's arrays.
-        if same:
-            for c, w in zip(self.copies, weights):
-                c.assign(keras.ops.copy(w))
-        else:  # first improvement: allocate the copy once (never from w.value: on TensorFlow
-            # that would wrap the very same variable, not copy it)
-            self.copies = []
-            for i, w in enumerate(weights):
-                c = keras.Variable(keras.ops.zeros(w.shape, w.dtype), trainable=False, name=f"best_{i}")
-                c.assign(keras.ops.copy(w))
-                self.copies.append(c)
+        for c, w in zip(self.copies, weights):
+            c.assign(keras.ops.copy(w))
         self.pending = True
 
     def flush(self) -> None:
