@@ -219,16 +219,18 @@ _RESIDUAL_BLOCKS = [("ResNet50V2", "conv2_block2_out", "conv2_block1_out"),
 
 @pytest.mark.parametrize("name,block,shortcut", _RESIDUAL_BLOCKS)
 def test_zero_residual_makes_every_from_scratch_block_start_as_the_identity(name, block, shortcut):
-    keras.utils.set_random_seed(0)
-    base = models.build_backbone(name, S, None, zero_residual=True)
-    probe = keras.Model(base.input, [base.get_layer(block).output, base.get_layer(shortcut).output])
     x = np.random.default_rng(0).normal(size=(2, S, S, 3)).astype("float32")
-    out, short = (np.asarray(t) for t in probe(x, training=False))
+
+    def block_and_shortcut(zero_residual: bool) -> tuple[np.ndarray, np.ndarray]:
+        keras.utils.set_random_seed(0)
+        base = models.build_backbone(name, S, None, zero_residual=zero_residual)
+        probe = keras.Model(base.input, [base.get_layer(block).output, base.get_layer(shortcut).output])
+        out, short = probe(x, training=False)
+        return np.asarray(out), np.asarray(short)
+
+    out, short = block_and_shortcut(True)
     np.testing.assert_array_equal(out, short)  # shortcut + 0
-    keras.utils.set_random_seed(0)
-    plain = models.build_backbone(name, S, None)  # Keras' own init: the block adds its branch
-    probe = keras.Model(plain.input, [plain.get_layer(block).output, plain.get_layer(shortcut).output])
-    out, short = (np.asarray(t) for t in probe(x, training=False))
+    out, short = block_and_shortcut(False)  # Keras' own init: the block adds its branch
     assert np.abs(out - short).max() > 0.01 * np.abs(short).max()
 
 
