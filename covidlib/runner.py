@@ -339,6 +339,7 @@ def rules() -> dict[str, Rule]:
         "RUN_DIR": _string("None or a folder path (new or existing)", _run_dir_ok),
         "SEED": seed, "PATIENT_PATTERN": pattern, "EXTERNAL_PATIENT_PATTERN": pattern,
         "SYNTHETIC_PATIENTS": _int_min(3, " (every split needs a patient of each class)"),
+        "SYNTHETIC_XRAY_PATIENTS": _int_min(3, " (every split needs a patient of each class)"),
         "VAL_FRACTION": fraction, "TEST_FRACTION": fraction,
         "IMG_SIZE": _int_min(32), "BATCH_SIZE": _int_min(1), "N_BOOT": _int_min(1),
         "ABLATION_BACKBONE": one_backbone, "ABLATION_EPOCHS": _int_min(1),

@@ -25,6 +25,7 @@ NOTEBOOKS = sorted(runner.notebooks_dir().glob("*.ipynb"))
 
 TINY = {
     "SYNTHETIC_PATIENTS": 3,
+    "SYNTHETIC_XRAY_PATIENTS": 3,
     "IMG_SIZE": 32,
     "EPOCHS": 1,
     "ABLATION_EPOCHS": 1,

@@ -132,6 +132,7 @@ def test_defaults_pass_and_plan_keeps_its_shape():
     ({"N_BOOT": 0}, "N_BOOT=0: expected an integer >= 1"),
     ({"PATIENCE": -1}, "PATIENCE=-1: expected an integer >= 0"),
     ({"SYNTHETIC_PATIENTS": 2}, "SYNTHETIC_PATIENTS=2: expected an integer >= 3"),
+    ({"SYNTHETIC_XRAY_PATIENTS": 2}, "SYNTHETIC_XRAY_PATIENTS=2: expected an integer >= 3"),
     ({"PHASE1_THRESHOLD": 1.5}, "PHASE1_THRESHOLD=1.5: expected a number from 0 to 1"),
     ({"GRADCAM_IMAGES": -1}, "GRADCAM_IMAGES=-1: expected an integer >= 0"),
     ({"PATIENT_PATTERN": "(unclosed"}, "PATIENT_PATTERN='(unclosed': not a regular expression"),

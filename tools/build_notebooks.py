@@ -64,7 +64,8 @@ XRAY_DATASET = "synthetic"   # phase-1 X-rays: same choices, or None to skip pha
 RUN_DIR = None               # None -> reports/runs/demo
 SEED = 0
 PATIENT_PATTERN = None       # regex giving patient_id from a file name; COVIDx: ^([A-Za-z]+_[0-9]+)_
-SYNTHETIC_PATIENTS = 40      # patients per class when a data set is "synthetic"
+SYNTHETIC_PATIENTS = 40      # CT patients per class (6 slices each) when DATASET is "synthetic"
+SYNTHETIC_XRAY_PATIENTS = 120   # X-ray patients per class (one image each) when XRAY_DATASET is "synthetic"
 VAL_FRACTION = 0.15
 TEST_FRACTION = 0.15
 '''),
@@ -89,7 +90,7 @@ xray = None
 if XRAY_DATASET:
     xray = datasets.ingest(XRAY_DATASET, modality="xray", seed=SEED, patient_pattern=PATIENT_PATTERN,
                            val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION, work_dir=run_dir,
-                           synthetic_patients=SYNTHETIC_PATIENTS)
+                           synthetic_patients=SYNTHETIC_XRAY_PATIENTS)
     print(xray.report())
 '''),
     code('''
