@@ -19,11 +19,9 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 # The whole notebook pipeline on the embedded synthetic data -> reports/runs/demo/
-# (one ablation seed instead of three keeps the demo within its time budget; enhancement and
-# epochs are the phantoms' own, chosen on their validation split: README, "Demo results")
+# (one ablation seed instead of three keeps the demo within its time budget)
 demo: $(STAMP)
-	$(PY) -m covidlib run --quiet -p RUN_DIR reports/runs/demo -p ABLATION_SEEDS "[0]" \
-		-p ENHANCEMENT crop+wb -p EPOCHS 10
+	$(PY) -m covidlib run --quiet -p RUN_DIR reports/runs/demo -p ABLATION_SEEDS "[0]"
 
 # Two workers, one test file each at a time: module fixtures (the installed-wheel pipeline run)
 # stay in one process, and the long single-threaded parts (graph tracing, kernel start-up) of two

@@ -48,7 +48,7 @@ def test_notebooks_command_keeps_edited_copies(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.count("copied") == 4
     edited = tmp_path / "nb" / "03_train_backbone.ipynb"
-    edited.write_text(edited.read_text().replace("EPOCHS = 8", "EPOCHS = 99"))
+    edited.write_text(edited.read_text().replace("EPOCHS = 10", "EPOCHS = 99"))
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert "kept" in again.stdout and "EPOCHS = 99" in edited.read_text()
     forced = subprocess.run(cmd + ["--force"], capture_output=True, text=True, timeout=120)

@@ -151,14 +151,15 @@ def test_gpus_and_slots(monkeypatch):
 
 
 def test_schedule_and_shared_enhancement():
+    default = runner.default_parameters("train")["ENHANCEMENT"]
     steps = runner.plan({"BACKBONES": ["SmallCNN", "MobileNetV2"],
-                         "ABLATION_PIPELINES": ["none", "crop", "crop+wb+clahe"]})
+                         "ABLATION_PIPELINES": ["none", "crop+clahe", default]})
     before, side, after = runner._split(steps)
     assert [s[0] for _, s in before] == ["01_download_data"]
     assert [i for i, _ in side] == [2, 3, 4, 5]  # 02, two CT and one X-ray training
     assert [s[0] for _, s in after] == ["04_two_phase_evaluation_voting"]
-    # crop+wb+clahe (CT) is enhanced by 02 and both CT trainings; crop by 02 alone.
-    assert runner.shared_enhancements([s for _, s in side]) == [("crop+wb+clahe", "ct")]
+    # The default (CT) is enhanced by 02 and both CT trainings; crop+clahe by 02 alone.
+    assert runner.shared_enhancements([s for _, s in side]) == [(default, "ct")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +202,8 @@ def test_parallel_run_equals_the_sequential_run(tmp_path, monkeypatch, capsys):
     assert code == 0, console
     assert re.search(r"side by side: 2 notebooks \(02/03\), up to 2 at a time on CPU \d+, CPU \d+, "
                      r"1 thread each", console), console
-    assert "shared enhancement crop+wb+clahe (ct) done" in console
+    default = runner.default_parameters("train")["ENHANCEMENT"]
+    assert f"shared enhancement {default} (ct) done" in console
     started = [line for line in console.splitlines() if " started on CPU " in line]
     assert len(started) == 2
     ev = [json.loads((d / "evaluation.json").read_text().replace(str(d), "RUN")) for d in (seq, par)]
