@@ -561,17 +561,28 @@ def read_record(weights_file: str | os.PathLike) -> dict:
 
 
 def pretrain_for_run(run_dir: str | os.PathLike, *, backbone: str, modality: str = "ct",
-                     enhancement: str = "crop+wb+clahe", img_size: int = 128, epochs: int = 0,
-                     batch_size: int = 32, seed: int = 0, weights: str | None = None,
+                     enhancement: str | None = None, img_size: int | None = None,
+                     epochs: int | None = None, batch_size: int | None = None,
+                     seed: int | None = None, weights: str | None = None,
                      verbose: int | str = 2) -> str | None:
     """Notebook 03's pretraining step: the ``WEIGHTS`` its training then uses.
 
+    Arguments left None take notebook 03's defaults (``ENHANCEMENT``, ``IMG_SIZE``,
+    ``PRETRAIN_EPOCHS``, ``BATCH_SIZE``, ``SEED``), as its training does.
     With ``epochs`` 0, returns ``weights`` unchanged (no pretraining). Otherwise pretrains
     ``backbone`` on the run's training images of ``modality`` -- the train split of
     ``RUN_DIR/manifest.csv`` only, enhanced as the classifier will see them, labels unused --
     starting from ``weights`` (None, ``"imagenet"`` or a file), into ``RUN_DIR/pretrain/``
     (X-ray: ``RUN_DIR/pretrain/xray/``), and returns that folder. Reused when already done.
     """
+    from covidlib.runner import default_parameters
+
+    nb = default_parameters("train")
+    enhancement = nb["ENHANCEMENT"] if enhancement is None else enhancement
+    img_size = nb["IMG_SIZE"] if img_size is None else img_size
+    epochs = nb["PRETRAIN_EPOCHS"] if epochs is None else epochs
+    batch_size = nb["BATCH_SIZE"] if batch_size is None else batch_size
+    seed = nb["SEED"] if seed is None else seed
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"PRETRAIN_EPOCHS must be an integer >= 0, got {epochs!r}")
     if epochs == 0:

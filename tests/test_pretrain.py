@@ -452,6 +452,28 @@ def test_notebook_step_pretrains_the_run_train_split(tiny_ct_manifest_session, t
         pretrain.pretrain_for_run(tmp_path, epochs=-1, **kw)
 
 
+def test_notebook_step_defaults_are_notebook_03s(tmp_path, monkeypatch):
+    """Unset arguments take notebook 03's parameters, so pretraining sees the images, size and
+    batch its training will (the library has no second copy of those defaults)."""
+    from covidlib import runner, train
+    from covidlib.datasets import write_manifest
+
+    write_manifest(pd.DataFrame({"path": ["a.png"], "label": ["covid"], "split": ["train"],
+                                 "patient_id": ["p"], "source": ["s"], "modality": ["ct"]}),
+                   tmp_path / "manifest.csv")
+    seen = {}
+
+    def stop(rows, run_dir, enhancement, modality, **_):
+        seen["enhancement"] = enhancement
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(train, "enhanced_manifest", stop)
+    with pytest.raises(RuntimeError, match="stop"):
+        pretrain.pretrain_for_run(tmp_path, backbone="SmallCNN", epochs=1)
+    assert seen["enhancement"] == runner.default_parameters("train")["ENHANCEMENT"]
+    assert pretrain.pretrain_for_run(tmp_path, backbone="SmallCNN") is None  # PRETRAIN_EPOCHS 0
+
+
 def test_runner_checks_the_new_parameters(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     defaults = runner.notebook_parameters(runner.notebooks_dir() / runner.NOTEBOOKS["train"])
