@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from covidlib import config
-from covidlib.runner import notebook_field
+from covidlib.runner import NOTEBOOK_DEFAULT, fill_defaults, notebook_field
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -561,13 +561,13 @@ def read_record(weights_file: str | os.PathLike) -> dict:
 
 
 def pretrain_for_run(run_dir: str | os.PathLike, *, backbone: str, modality: str = "ct",
-                     enhancement: str | None = None, img_size: int | None = None,
-                     epochs: int | None = None, batch_size: int | None = None,
-                     seed: int | None = None, weights: str | None = None,
+                     enhancement: str = NOTEBOOK_DEFAULT, img_size: int = NOTEBOOK_DEFAULT,
+                     epochs: int = NOTEBOOK_DEFAULT, batch_size: int = NOTEBOOK_DEFAULT,
+                     seed: int = NOTEBOOK_DEFAULT, weights: str | None = None,
                      verbose: int | str = 2) -> str | None:
     """Notebook 03's pretraining step: the ``WEIGHTS`` its training then uses.
 
-    Arguments left None take notebook 03's defaults (``ENHANCEMENT``, ``IMG_SIZE``,
+    Arguments not given take notebook 03's parameters (``ENHANCEMENT``, ``IMG_SIZE``,
     ``PRETRAIN_EPOCHS``, ``BATCH_SIZE``, ``SEED``), as its training does.
     With ``epochs`` 0, returns ``weights`` unchanged (no pretraining). Otherwise pretrains
     ``backbone`` on the run's training images of ``modality`` -- the train split of
@@ -575,14 +575,9 @@ def pretrain_for_run(run_dir: str | os.PathLike, *, backbone: str, modality: str
     starting from ``weights`` (None, ``"imagenet"`` or a file), into ``RUN_DIR/pretrain/``
     (X-ray: ``RUN_DIR/pretrain/xray/``), and returns that folder. Reused when already done.
     """
-    from covidlib.runner import default_parameters
-
-    nb = default_parameters("train")
-    enhancement = nb["ENHANCEMENT"] if enhancement is None else enhancement
-    img_size = nb["IMG_SIZE"] if img_size is None else img_size
-    epochs = nb["PRETRAIN_EPOCHS"] if epochs is None else epochs
-    batch_size = nb["BATCH_SIZE"] if batch_size is None else batch_size
-    seed = nb["SEED"] if seed is None else seed
+    kw = fill_defaults("train", dict(enhancement=enhancement, img_size=img_size, epochs=epochs,
+                                     batch_size=batch_size, seed=seed), {"epochs": "PRETRAIN_EPOCHS"})
+    enhancement, img_size, epochs, batch_size, seed = kw.values()
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"PRETRAIN_EPOCHS must be an integer >= 0, got {epochs!r}")
     if epochs == 0:

@@ -332,14 +332,14 @@ def rules() -> dict[str, Rule]:
     seed = Rule(f"an integer from 0 to {SEED_MAX}", lambda v: 0 <= v <= SEED_MAX)
     pattern = _string(f"None, a regular expression or one of {sorted(PATIENT_PATTERNS)}", _pattern_ok)
     one_backbone = _choice(backbones)
+    patients = _int_min(3, " (every split needs a patient of each class)")
     return {
         "DATASET": Rule(_DATA_ACCEPTS, _dataset_ok(shape=True)),
         "XRAY_DATASET": Rule(f"None, {_DATA_ACCEPTS}", _dataset_ok(shape=True)),
         "EXTERNAL_DATASET": _string(f"None, {_DATA_ACCEPTS}", _dataset_ok(shape=False)),
         "RUN_DIR": _string("None or a folder path (new or existing)", _run_dir_ok),
         "SEED": seed, "PATIENT_PATTERN": pattern, "EXTERNAL_PATIENT_PATTERN": pattern,
-        "SYNTHETIC_PATIENTS": _int_min(3, " (every split needs a patient of each class)"),
-        "SYNTHETIC_XRAY_PATIENTS": _int_min(3, " (every split needs a patient of each class)"),
+        "SYNTHETIC_PATIENTS": patients, "SYNTHETIC_XRAY_PATIENTS": patients,
         "VAL_FRACTION": fraction, "TEST_FRACTION": fraction,
         "IMG_SIZE": _int_min(32), "BATCH_SIZE": _int_min(1), "N_BOOT": _int_min(1),
         "ABLATION_BACKBONE": one_backbone, "ABLATION_EPOCHS": _int_min(1),

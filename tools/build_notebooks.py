@@ -188,7 +188,7 @@ starts from those weights instead of `WEIGHTS` (no download needed).
 RUN_DIR = None               # None -> reports/runs/demo
 BACKBONE = "DenseNet121"     # DenseNet121 | ResNet50V2 | MobileNetV2 | DenseNet201 | ResNet152 | SmallCNN
 MODALITY = "ct"              # ct | xray
-ENHANCEMENT = "crop+wb"      # chosen on validation; AICOV-CT's crop+wb+clahe; lungcrop+wb (crop to the lung field)
+ENHANCEMENT = "crop+wb"      # chosen on validation (README); AICOV-CT's is crop+wb+clahe; lungcrop+wb crops to the lung field
 IMG_SIZE = 64
 EPOCHS = 10
 FINE_TUNE_EPOCHS = 0         # with pretrained WEIGHTS: exactly this many epochs after phase 1 ends
