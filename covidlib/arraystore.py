@@ -1,8 +1,8 @@
 """Decode-once array store and the batch loader that feeds every Keras backend.
 
-Decoding a 512x512 JPEG costs ~1 ms; doing it every epoch makes the CPU, not the accelerator,
-the bottleneck. The store decodes each image of a manifest once, pads it to a square, resizes it
-and keeps the result as one memory-mapped ``uint8`` array on disk. Epochs then read batches
+Decoding every JPEG again every epoch makes the CPU, not the accelerator, the bottleneck
+(BENCHMARKS.md, Input pipeline). The store decodes each image of a manifest once, pads it to a
+square, resizes it and keeps the result as one memory-mapped ``uint8`` array on disk. Epochs then read batches
 straight from the memory map. The store is keyed by the manifest's content (paths, labels,
 splits, file sizes and times) and the image size, so it is rebuilt only when its inputs change.
 """

@@ -19,7 +19,7 @@ import numpy as np
 
 import keras
 
-from covidlib.fsutil import atomic_open, atomic_write_text
+from covidlib.fsutil import atomic_open, atomic_path, atomic_write_text
 
 
 class BestWeights(keras.callbacks.Callback):
@@ -147,15 +147,8 @@ def _plain(value: Any) -> Any:
 
 def save_weights_atomic(model: keras.Model, path: Path) -> None:
     """``model.save_weights(path)`` (a ``.weights.h5`` file) so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stem = path.name[: -len(".weights.h5")]
-    tmp = path.with_name(f".{stem}.{os.getpid()}.tmp.weights.h5")  # Keras insists on the suffix
-    try:
+    with atomic_path(path, suffix=".weights.h5") as tmp:  # Keras insists on the suffix
         model.save_weights(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _rng_variables(model: keras.Model) -> list:

@@ -61,9 +61,9 @@ def _single_thread_blas() -> Iterator[None]:
     """Keep BLAS on one thread: the 8x8 products are far too small to gain from threads, and
     OpenBLAS threads spinning next to other processes (or our own workers) cost 10x.
 
-    Talks to the BLAS libraries directly (a C call each, about 1 us) rather than through
-    ``threadpool_limits``, which rescans the loaded libraries every time (about 70 us, a
-    noticeable share of one image's denoising)."""
+    Talks to the BLAS libraries directly (one C call each) rather than through
+    ``threadpool_limits``, which rescans the loaded libraries on every call: a noticeable share
+    of one image's denoising."""
     libs = _blas_libs()
     before = [lib.get_num_threads() for lib in libs]
     for lib, n in zip(libs, before):

@@ -24,7 +24,7 @@ import pandas as pd
 import keras
 
 from covidlib import config, distribute
-from covidlib.fsutil import atomic_write_text
+from covidlib.fsutil import atomic_path, atomic_write_text
 from covidlib.arraystore import ArrayLoader, ArrayStore, build_store, class_weights, manifest_fingerprint
 from covidlib.callbacks import (BestWeights, BudgetedBackupAndRestore, EpochTensorBoard,
                                 PhaseCSVLogger, load_best_weights, read_backup, restore_backup,
@@ -178,10 +178,8 @@ def describe_device() -> str:
 
 def save_model_atomic(model: keras.Model, path: Path) -> None:
     """Save a ``.keras`` file so a crash never leaves a half-written model behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".keras") as tmp:  # Keras picks the format by the suffix
+        model.save(tmp)
 
 
 def predict_store(model: keras.Model, store: ArrayStore, rows: np.ndarray, classes: list[str],
