@@ -31,6 +31,7 @@ from covidlib.images import to_uint8
 __all__ = [
     "grad_cam",
     "ensemble_grad_cam",
+    "lung_share",
     "overlay_heatmap",
     "save_gradcam",
 ]
@@ -400,6 +401,45 @@ def ensemble_grad_cam(
         class_index = np.argmax(probs, axis=1)
     maps = [grad_cam(m, images, class_index=class_index, layer_name=layer_name) for m in models]
     return np.clip(np.mean(maps, axis=0), 0.0, 1.0).astype(np.float32)
+
+
+def lung_share(images: Any, heatmaps: Any) -> dict[str, Any]:
+    """How much of each CT Grad-CAM lies in the lung field, against how much lung there is.
+
+    The lung field is :func:`covidlib.lungs.find_lungs`' mask (classical, no learned weights)
+    of each image as the model sees it. ``cam_in_lungs`` is the share of a heatmap's sum inside
+    the mask; ``lung_area`` the share of the image's pixels inside it, which is what a heatmap
+    spread evenly over the image would score. A model that looks at the lungs scores well above
+    its ``lung_area``; one that reads borders, the table or the mediastinum, below it.
+
+    Args:
+        images: (n, H, W) or (n, H, W, 1) ``uint8`` CT slices.
+        heatmaps: (n, H, W) Grad-CAMs of those images (:func:`grad_cam`), values >= 0.
+
+    Returns:
+        ``{"n_images", "n_lung_field", "cam_in_lungs", "lung_area"}``: the two shares are means
+        over the images with a lung field and a non-zero heatmap (None when there is none), and
+        ``n_lung_field`` counts those images.
+    """
+    from covidlib.lungs import find_lungs
+
+    imgs = np.asarray(images)
+    if imgs.ndim == 4 and imgs.shape[-1] == 1:
+        imgs = imgs[..., 0]
+    cams = np.asarray(heatmaps, dtype=np.float64)
+    if imgs.ndim != 3 or cams.shape != imgs.shape:
+        raise ValueError(f"lung_share: need (n, H, W) images and heatmaps of the same shape, "
+                         f"got {imgs.shape} and {cams.shape}")
+    inside, area = [], []
+    for img, cam in zip(imgs, cams):
+        mask = find_lungs(to_uint8(img)).mask
+        if mask is None or cam.sum() <= 0:
+            continue
+        inside.append(cam[mask].sum() / cam.sum())
+        area.append(mask.mean())
+    mean = (lambda v: round(float(np.mean(v)), 4) if v else None)
+    return {"n_images": len(imgs), "n_lung_field": len(inside), "cam_in_lungs": mean(inside),
+            "lung_area": mean(area)}
 
 
 def _gray_uint8(image: Any) -> np.ndarray:

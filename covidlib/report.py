@@ -257,14 +257,25 @@ class RunReport:
         return self.figures
 
     def gradcam(self, n_images: int = 4) -> Path | None:
-        """Grad-CAM of every member and of the vote on ``n_images`` test images."""
+        """Grad-CAM of every member and of the vote on ``n_images`` test images (the figure), and
+        how much of it lies in the lung field on up to 64 of them (``gradcam_lung_share``)."""
         images = self._test_images
         if not n_images or images is None:
             return None
         _, y, values, _ = self._outputs()["vote"]
         self.figures["gradcam"] = self.fig_dir / "gradcam.png"
-        _gradcam_figure(self._member_models, images, y, values, self.classes, n_images, self.seed,
-                        self.figures["gradcam"])
+        pick = _pick(len(images), n_images, self.seed)
+        heat = _heatmaps(self._member_models, images[pick], values[pick].argmax(axis=1))
+        captions = [f"N={i} | P={config.display_name(self.classes[p])} | "
+                    f"GT={config.display_name(self.classes[t])}"
+                    for i, p, t in zip(pick, values[pick].argmax(axis=1), y[pick])]
+        plots.plot_gradcam_grid(images[pick], heat, captions, self.figures["gradcam"])
+        pick = _pick(len(images), _LUNG_SHARE_IMAGES, self.seed)
+        heat = _heatmaps(self._member_models, images[pick], values[pick].argmax(axis=1))
+        from covidlib import explain
+
+        self.evaluation["gradcam_lung_share"] = {
+            name: explain.lung_share(images[pick], h) for name, h in heat.items()}
         return self.figures["gradcam"]
 
     def external(self, dataset: str | os.PathLike, patient_pattern: str | None = None) -> dict:
@@ -366,20 +377,24 @@ def _save_ensemble(run_dir: Path, models: dict[str, Any], method: str,
                                else ensemble.PROBABILITY_DEFINITION)}, indent=2))
 
 
-def _gradcam_figure(models: dict[str, Any], images: np.ndarray, y: np.ndarray, values: np.ndarray,
-                    classes: list[str], n: int, seed: int, path: Path) -> None:
-    """Grad-CAM of every member and of the vote, for ``n`` test images drawn with ``seed``."""
+# Test images whose Grad-CAMs are measured against the lung field: enough for a stable mean,
+# few enough to keep notebook 04 short on a CPU.
+_LUNG_SHARE_IMAGES = 64
+
+
+def _pick(n: int, k: int, seed: int) -> np.ndarray:
+    """``k`` of ``n`` indices drawn with ``seed``, sorted (all of them when ``k >= n``)."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(k, n), replace=False))
+
+
+def _heatmaps(models: dict[str, Any], images: np.ndarray, cls_idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Grad-CAM of every member and of the vote for the vote's class of each image."""
     from covidlib import explain
 
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(images), size=min(n, len(images)), replace=False))
-    x = images[pick][..., None].astype("float32")
-    cls_idx = values[pick].argmax(axis=1)
+    x = images[..., None].astype("float32")
     heat = {name: explain.grad_cam(m, x, class_index=cls_idx) for name, m in models.items()}
     heat["vote"] = explain.ensemble_grad_cam(list(models.values()), x, class_index=cls_idx)
-    captions = [f"N={i} | P={config.display_name(classes[p])} | GT={config.display_name(classes[t])}"
-                for i, p, t in zip(pick, cls_idx, y[pick])]
-    plots.plot_gradcam_grid(images[pick], heat, captions, path)
+    return heat
 
 
 def evaluate_run(
@@ -640,6 +655,20 @@ def _two_phase_lines(tp: dict) -> list[str]:
     ]
 
 
+def _lung_share_lines(shares: dict | None) -> list[str]:
+    if not shares:
+        return []
+    lines = ["", "## Where the Grad-CAMs look", "",
+             "Share of each Grad-CAM's sum inside the lung field (classical mask, "
+             "`covidlib.lungs.find_lungs`), mean over the test images where a lung field was found; "
+             "a heatmap spread evenly over the image would score the lung area.", "",
+             "| model | Grad-CAM in the lungs | lung area | images (with a lung field / drawn) |",
+             "|---|---|---|---|"]
+    lines += [f"| {name} | {_fmt(b['cam_in_lungs'])} | {_fmt(b['lung_area'])} | "
+              f"{b['n_lung_field']} / {b['n_images']} |" for name, b in shares.items()]
+    return lines
+
+
 def results_markdown(ev: dict, figures: dict[str, Path], run_dir: Path) -> str:
     """A readable summary of ``evaluation.json`` (figures linked relative to ``run_dir``)."""
     lines = [
@@ -677,6 +706,7 @@ def results_markdown(ev: dict, figures: dict[str, Path], run_dir: Path) -> str:
             shown = f"{name} ({b['output']})" if b.get("output") == "score" else name
             lines.append(f"| {shown} | {_fmt(b['accuracy'])}{_ci(b, 'accuracy')} | "
                          f"{_fmt(b['auc_macro'])}{_ci(b, 'auc_macro')} |")
+    lines += _lung_share_lines(ev.get("gradcam_lung_share"))
     lines += ["", "## Figures", ""]
     for key, path in figures.items():
         rel = os.path.relpath(path, run_dir)

@@ -205,3 +205,35 @@ def test_non_linear_chain_rejected(images):
     m = keras.Model(inp, out)
     with pytest.raises(ValueError, match="linear layer chain"):
         explain.grad_cam(m, images)
+
+
+def _phantom(seed: int = 0, size: int = 128) -> np.ndarray:
+    from covidlib import synthetic
+
+    anatomy = synthetic.sample_ct_anatomy(np.random.default_rng(seed))
+    return synthetic.make_ct_slice("covid", np.random.default_rng(seed + 1), size, anatomy=anatomy)
+
+
+def test_lung_share_scores_where_the_heatmap_lies():
+    from covidlib.lungs import find_lungs
+
+    imgs = np.stack([_phantom(0), _phantom(5)])
+    masks = np.stack([find_lungs(i).mask for i in imgs])
+    assert masks.any(axis=(1, 2)).all()
+    on = explain.lung_share(imgs, masks.astype(np.float32))
+    off = explain.lung_share(imgs[..., None], (~masks).astype(np.float32))
+    even = explain.lung_share(imgs, np.ones(imgs.shape, np.float32))
+    assert on["n_images"] == on["n_lung_field"] == 2
+    assert on["cam_in_lungs"] == 1.0 and off["cam_in_lungs"] == 0.0
+    # an even heatmap scores the lung area, which is the same for every heatmap
+    assert even["cam_in_lungs"] == pytest.approx(even["lung_area"], abs=1e-4)
+    assert on["lung_area"] == off["lung_area"] == even["lung_area"]
+    assert 0.05 < even["lung_area"] < 0.6
+
+
+def test_lung_share_skips_images_without_a_lung_field_and_checks_shapes():
+    blank = np.zeros((2, 64, 64), np.uint8)
+    res = explain.lung_share(blank, np.ones((2, 64, 64), np.float32))
+    assert res == {"n_images": 2, "n_lung_field": 0, "cam_in_lungs": None, "lung_area": None}
+    with pytest.raises(ValueError, match="same shape"):
+        explain.lung_share(blank, np.ones((2, 32, 32), np.float32))

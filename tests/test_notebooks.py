@@ -173,6 +173,7 @@ def test_pipeline_evaluation_json(tiny_run):
                 "two_phase_threshold_sweep.png", "class_counts.png"):
         assert (tiny_run / "figures" / fig).stat().st_size > 1000, fig
     assert (tiny_run / "results.md").read_text().startswith("# covidlib results")
+    assert set(ev["gradcam_lung_share"]) == {"DenseNet121", "ResNet50V2", "MobileNetV2", "vote"}
     # The vote saved as one model that loads in safe mode.
     from covidlib.models import load_model
 

@@ -92,6 +92,10 @@ def test_hard_vote_is_a_score_without_calibration(run_copy):
                               **{**FAST, "gradcam_images": 2})
     assert res.figures["gradcam"].is_file()
     ev = json.loads((run_copy / "evaluation.json").read_text())
+    shares = ev["gradcam_lung_share"]
+    assert set(shares) == set(NAMES) | {"vote"}
+    assert all(s["n_images"] > 0 and s["n_lung_field"] <= s["n_images"] for s in shares.values())
+    assert "## Where the Grad-CAMs look" in (run_copy / "results.md").read_text()
     ens = ev["ensemble"]
     assert ens["output"] == "score" and ens["calibrated"] is False
     cal = ens["calibration"]
