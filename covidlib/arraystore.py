@@ -2,9 +2,10 @@
 
 Decoding every JPEG again every epoch makes the CPU, not the accelerator, the bottleneck
 (BENCHMARKS.md, Input pipeline). The store decodes each image of a manifest once, pads it to a
-square, resizes it and keeps the result as one memory-mapped ``uint8`` array on disk. Epochs then read batches
-straight from the memory map. The store is keyed by the manifest's content (paths, labels,
-splits, file sizes and times) and the image size, so it is rebuilt only when its inputs change.
+square, resizes it and keeps the result as one memory-mapped ``uint8`` array on disk. Epochs
+then read batches straight from the memory map. The store is keyed by the manifest's content
+(paths, labels, splits, file sizes and times) and the image size, so it is rebuilt only when
+its inputs change.
 """
 from __future__ import annotations
 

@@ -27,5 +27,13 @@ python -m covidlib run --quiet "${NEW[@]}" -p EPOCHS 10 -p LEARNING_RATE 0.003 -
     -p RUN_DIR "$WORK/scratch_lr3e-3"
 python -m covidlib run --quiet "${NEW[@]}" -p EPOCHS 10 -p LEARNING_RATE 0.003 -p ENHANCEMENT crop+wb \
     -p RUN_DIR "$WORK/scratch_cropwb_lr3e-3"
-python "$HERE/table.py" "$WORK" scratch scratch_zeroinit lungcrop pretrain pretrain_lungcrop \
-    scratch_lr3e-3 scratch_cropwb_lr3e-3 > "$HERE/table.md"
+# The lung crop and pretraining again, at today's defaults (learning rate 3e-3, crop+wb; at 9ccc826),
+# and the defaults with a second training seed.
+python -m covidlib run --quiet "${NEW[@]}" -p EPOCHS 10 -p ENHANCEMENT lungcrop+wb -p RUN_DIR "$WORK/lungcropwb_lr3e-3"
+python -m covidlib run --quiet "${NEW[@]}" -p PRETRAIN_EPOCHS 20 -p EPOCHS 5 -p FINE_TUNE_EPOCHS 5 \
+    -p FINE_TUNE_LR 0.0001 -p RUN_DIR "$WORK/pretrain_cropwb_lr3e-3"
+python -m covidlib run --quiet "${NEW[@]}" -p EPOCHS 10 -p SEED 1 -p RUN_DIR "$WORK/scratch_cropwb_lr3e-3_seed1"
+VARIANTS=(scratch scratch_zeroinit lungcrop pretrain pretrain_lungcrop scratch_lr3e-3 scratch_cropwb_lr3e-3
+          lungcropwb_lr3e-3 pretrain_cropwb_lr3e-3 scratch_cropwb_lr3e-3_seed1)
+python "$HERE/table.py" "$WORK" "${VARIANTS[@]}" > "$HERE/table.md"
+python "$HERE/lung_share.py" "$WORK" "${VARIANTS[@]}" > "$HERE/lung_share.md"
