@@ -32,6 +32,7 @@ __all__ = [
     "grad_cam",
     "ensemble_grad_cam",
     "lung_share",
+    "cam_grid",
     "overlay_heatmap",
     "save_gradcam",
 ]
@@ -403,7 +404,21 @@ def ensemble_grad_cam(
     return np.clip(np.mean(maps, axis=0), 0.0, 1.0).astype(np.float32)
 
 
-def lung_share(images: Any, heatmaps: Any) -> dict[str, Any]:
+def cam_grid(model: Any, layer_name: str = "backbone") -> tuple[int, int]:
+    """Rows and columns of the feature map a model's Grad-CAM is computed on (before upsampling)."""
+    shape = tuple(model.get_layer(layer_name).output.shape)
+    if len(shape) != 4 or shape[1] is None or shape[2] is None:
+        raise ValueError(f"cam_grid: layer {layer_name!r} has no fixed 4-D output (shape {shape})")
+    return int(shape[1]), int(shape[2])
+
+
+def _coarse(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """``mask`` averaged onto ``grid`` and brought back to its size as Grad-CAM upsamples a map."""
+    small = cv2.resize(mask.astype(np.float32), (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (mask.shape[1], mask.shape[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def lung_share(images: Any, heatmaps: Any, grid: tuple[int, int] | None = None) -> dict[str, Any]:
     """How much of each CT Grad-CAM lies in the lung field, against how much lung there is.
 
     The lung field is :func:`covidlib.lungs.find_lungs`' mask (classical, no learned weights)
@@ -412,14 +427,21 @@ def lung_share(images: Any, heatmaps: Any) -> dict[str, Any]:
     spread evenly over the image would score. A model that looks at the lungs scores well above
     its ``lung_area``; one that reads borders, the table or the mediastinum, below it.
 
+    A Grad-CAM is upsampled from the model's last feature map, a few cells across at small
+    input sizes, so it cannot follow the lungs' outline. With ``grid`` (:func:`cam_grid`),
+    ``ceiling`` is what the lung field itself scores after being averaged onto that grid and
+    upsampled the same way: about the most such a heatmap can put in the lungs. When the
+    ceiling is close to ``lung_area`` the measure cannot tell where the model looks.
+
     Args:
         images: (n, H, W) or (n, H, W, 1) ``uint8`` CT slices.
         heatmaps: (n, H, W) Grad-CAMs of those images (:func:`grad_cam`), values >= 0.
+        grid: the heatmaps' feature-map rows and columns, for ``ceiling``.
 
     Returns:
-        ``{"n_images", "n_lung_field", "cam_in_lungs", "lung_area"}``: the two shares are means
-        over the images with a lung field and a non-zero heatmap (None when there is none), and
-        ``n_lung_field`` counts those images.
+        ``{"n_images", "n_lung_field", "cam_in_lungs", "lung_area", "ceiling"}``: the shares are
+        means over the images with a lung field and a non-zero heatmap (None when there is
+        none, ``ceiling`` also without ``grid``), and ``n_lung_field`` counts those images.
     """
     from covidlib.lungs import find_lungs
 
@@ -430,16 +452,19 @@ def lung_share(images: Any, heatmaps: Any) -> dict[str, Any]:
     if imgs.ndim != 3 or cams.shape != imgs.shape:
         raise ValueError(f"lung_share: need (n, H, W) images and heatmaps of the same shape, "
                          f"got {imgs.shape} and {cams.shape}")
-    inside, area = [], []
+    inside, area, ceiling = [], [], []
     for img, cam in zip(imgs, cams):
         mask = find_lungs(to_uint8(img)).mask
         if mask is None or cam.sum() <= 0:
             continue
         inside.append(cam[mask].sum() / cam.sum())
         area.append(mask.mean())
+        if grid is not None:
+            best = _coarse(mask, grid)
+            ceiling.append(best[mask].sum() / best.sum())
     mean = (lambda v: round(float(np.mean(v)), 4) if v else None)
     return {"n_images": len(imgs), "n_lung_field": len(inside), "cam_in_lungs": mean(inside),
-            "lung_area": mean(area)}
+            "lung_area": mean(area), "ceiling": mean(ceiling)}
 
 
 def _gray_uint8(image: Any) -> np.ndarray:

@@ -274,8 +274,11 @@ class RunReport:
         heat = _heatmaps(self._member_models, images[pick], values[pick].argmax(axis=1))
         from covidlib import explain
 
+        grids = {name: explain.cam_grid(m) for name, m in self._member_models.items()}
+        # The vote averages its members' upsampled maps: as coarse as the coarsest of them.
+        grids["vote"] = min(grids.values())
         self.evaluation["gradcam_lung_share"] = {
-            name: explain.lung_share(images[pick], h) for name, h in heat.items()}
+            name: explain.lung_share(images[pick], h, grids[name]) for name, h in heat.items()}
         return self.figures["gradcam"]
 
     def external(self, dataset: str | os.PathLike, patient_pattern: str | None = None) -> dict:
@@ -661,10 +664,12 @@ def _lung_share_lines(shares: dict | None) -> list[str]:
     lines = ["", "## Where the Grad-CAMs look", "",
              "Share of each Grad-CAM's sum inside the lung field (classical mask, "
              "`covidlib.lungs.find_lungs`), mean over the test images where a lung field was found; "
-             "a heatmap spread evenly over the image would score the lung area.", "",
-             "| model | Grad-CAM in the lungs | lung area | images (with a lung field / drawn) |",
-             "|---|---|---|---|"]
-    lines += [f"| {name} | {_fmt(b['cam_in_lungs'])} | {_fmt(b['lung_area'])} | "
+             "a heatmap spread evenly over the image would score the lung area, and the lung field "
+             "itself, as coarse as the model's last feature map, the ceiling. Where the ceiling is "
+             "close to the lung area, the heatmaps are too coarse to say where the model looks.", "",
+             "| model | Grad-CAM in the lungs | lung area | ceiling | images (with a lung field / drawn) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {name} | {_fmt(b['cam_in_lungs'])} | {_fmt(b['lung_area'])} | {_fmt(b['ceiling'])} | "
               f"{b['n_lung_field']} / {b['n_images']} |" for name, b in shares.items()]
     return lines
 

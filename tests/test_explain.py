@@ -234,6 +234,21 @@ def test_lung_share_scores_where_the_heatmap_lies():
 def test_lung_share_skips_images_without_a_lung_field_and_checks_shapes():
     blank = np.zeros((2, 64, 64), np.uint8)
     res = explain.lung_share(blank, np.ones((2, 64, 64), np.float32))
-    assert res == {"n_images": 2, "n_lung_field": 0, "cam_in_lungs": None, "lung_area": None}
+    assert res == {"n_images": 2, "n_lung_field": 0, "cam_in_lungs": None, "lung_area": None,
+                   "ceiling": None}
     with pytest.raises(ValueError, match="same shape"):
         explain.lung_share(blank, np.ones((2, 32, 32), np.float32))
+
+
+def test_lung_share_ceiling_falls_as_the_map_gets_coarser(model3):
+    imgs = np.stack([_phantom(0), _phantom(5)])
+    cams = np.ones(imgs.shape, np.float32)
+    full = explain.lung_share(imgs, cams, grid=imgs.shape[1:])
+    coarse = [explain.lung_share(imgs, cams, grid=(g, g))["ceiling"] for g in (16, 4, 1)]
+    assert full["ceiling"] == pytest.approx(1.0) and full["cam_in_lungs"] == pytest.approx(full["lung_area"], abs=1e-4)
+    assert 1.0 > coarse[0] > coarse[1] > coarse[2]
+    assert coarse[2] == pytest.approx(full["lung_area"], abs=1e-3)  # one cell: an even map
+    assert explain.cam_grid(model3) == (S // 2, S // 2)  # one stride-2 convolution
+    from covidlib.models import build_model
+
+    assert explain.cam_grid(build_model("DenseNet121", 2, 96, augment=False)) == (3, 3)

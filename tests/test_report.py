@@ -95,6 +95,7 @@ def test_hard_vote_is_a_score_without_calibration(run_copy):
     shares = ev["gradcam_lung_share"]
     assert set(shares) == set(NAMES) | {"vote"}
     assert all(s["n_images"] > 0 and s["n_lung_field"] <= s["n_images"] for s in shares.values())
+    assert all("ceiling" in s for s in shares.values())
     assert "## Where the Grad-CAMs look" in (run_copy / "results.md").read_text()
     ens = ev["ensemble"]
     assert ens["output"] == "score" and ens["calibrated"] is False
