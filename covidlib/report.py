@@ -263,22 +263,16 @@ class RunReport:
         if not n_images or images is None:
             return None
         _, y, values, _ = self._outputs()["vote"]
+        predicted = values.argmax(axis=1)
         self.figures["gradcam"] = self.fig_dir / "gradcam.png"
         pick = _pick(len(images), n_images, self.seed)
-        heat = _heatmaps(self._member_models, images[pick], values[pick].argmax(axis=1))
+        heat = _heatmaps(self._member_models, images[pick], predicted[pick])
         captions = [f"N={i} | P={config.display_name(self.classes[p])} | "
                     f"GT={config.display_name(self.classes[t])}"
-                    for i, p, t in zip(pick, values[pick].argmax(axis=1), y[pick])]
+                    for i, p, t in zip(pick, predicted[pick], y[pick])]
         plots.plot_gradcam_grid(images[pick], heat, captions, self.figures["gradcam"])
-        pick = _pick(len(images), _LUNG_SHARE_IMAGES, self.seed)
-        heat = _heatmaps(self._member_models, images[pick], values[pick].argmax(axis=1))
-        from covidlib import explain
-
-        grids = {name: explain.cam_grid(m) for name, m in self._member_models.items()}
-        # The vote averages its members' upsampled maps: as coarse as the coarsest of them.
-        grids["vote"] = min(grids.values())
-        self.evaluation["gradcam_lung_share"] = {
-            name: explain.lung_share(images[pick], h, grids[name]) for name, h in heat.items()}
+        self.evaluation["gradcam_lung_share"] = _lung_shares(self._member_models, images, predicted,
+                                                             self.seed)
         return self.figures["gradcam"]
 
     def external(self, dataset: str | os.PathLike, patient_pattern: str | None = None) -> dict:
@@ -388,6 +382,18 @@ _LUNG_SHARE_IMAGES = 64
 def _pick(n: int, k: int, seed: int) -> np.ndarray:
     """``k`` of ``n`` indices drawn with ``seed``, sorted (all of them when ``k >= n``)."""
     return np.sort(np.random.default_rng(seed).choice(n, size=min(k, n), replace=False))
+
+
+def _lung_shares(models: dict[str, Any], images: np.ndarray, predicted: np.ndarray, seed: int) -> dict:
+    """``explain.lung_share`` of every member and of the vote on up to _LUNG_SHARE_IMAGES images."""
+    from covidlib import explain
+
+    pick = _pick(len(images), _LUNG_SHARE_IMAGES, seed)
+    heat = _heatmaps(models, images[pick], predicted[pick])
+    grids = {name: explain.cam_grid(m) for name, m in models.items()}
+    # The vote averages its members' upsampled maps: as coarse as the coarsest of them.
+    grids["vote"] = min(grids.values(), key=lambda g: g[0] * g[1])
+    return {name: explain.lung_share(images[pick], h, grids[name]) for name, h in heat.items()}
 
 
 def _heatmaps(models: dict[str, Any], images: np.ndarray, cls_idx: np.ndarray) -> dict[str, np.ndarray]:
